@@ -68,37 +68,48 @@ class _Anderson:
     The Tikhonov term is scaled by the mean diagonal of the residual Gram matrix: a fixed absolute
     value is either negligible far from the solution or dominant near it, and in the latter case
     Anderson degrades to plain iteration (or worse).
+
+    The last ``m`` iterates and residuals live in preallocated ring buffers, and the Gram matrix
+    gains one row per step instead of being rebuilt: at the tiny preset rebuilding it (stack, then
+    broadcast products) cost about as much as the field itself.
     """
 
     def __init__(self, m: int, lam: float, mix: float):
         self.m, self.lam, self.mix = m, lam, mix
-        self.xs: list[Tensor] = []
-        self.fs: list[Tensor] = []
+        self.X: Tensor | None = None  # (B, m, n) iterates
+        self.F: Tensor | None = None  # (B, m, n) eps-scaled residuals
+        self.gram: Tensor | None = None  # (B, m, m)
+        self.count = 0
 
     def step(self, z: Tensor, fz: Tensor, eps: float) -> Tensor:
         x, f = _flat(z), _flat(fz) * eps
-        self.xs.append(x)
-        self.fs.append(f)
-        if len(self.xs) > self.m:
-            self.xs.pop(0)
-            self.fs.pop(0)
-        X, Fm = torch.stack(self.xs, 1), torch.stack(self.fs, 1)  # (B, k, n)
-        k = X.shape[1]
-        gram = Fm @ Fm.transpose(1, 2)  # (B, k, k)
-        scale = gram.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True).unsqueeze(-1)
-        gram = gram + (self.lam * scale + _TINY) * torch.eye(k, dtype=gram.dtype, device=gram.device)
+        if self.X is None:
+            B, n = x.shape
+            self.X = x.new_zeros(B, self.m, n)
+            self.F = x.new_zeros(B, self.m, n)
+            self.gram = x.new_zeros(B, self.m, self.m)
+        slot = self.count % self.m
+        self.count += 1
+        k = min(self.count, self.m)
+        self.X[:, slot] = x
+        self.F[:, slot] = f
+        row = torch.bmm(self.F[:, :k], f.unsqueeze(-1)).squeeze(-1)  # (B, k): <f_i, f_new>
+        self.gram[:, slot, :k] = row
+        self.gram[:, :k, slot] = row
+        gram = self.gram[:, :k, :k]
+        scale = gram.diagonal(dim1=1, dim2=2).mean(-1).view(-1, 1, 1)
+        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
         # Bordered system for min ||sum a_i f_i|| subject to sum a_i = 1.
-        B = X.shape[0]
-        A = torch.zeros(B, k + 1, k + 1, dtype=gram.dtype, device=gram.device)
+        B = x.shape[0]
+        A = gram.new_zeros(B, k + 1, k + 1)
         A[:, 0, 1:] = 1
         A[:, 1:, 0] = 1
-        A[:, 1:, 1:] = gram
-        rhs = torch.zeros(B, k + 1, 1, dtype=gram.dtype, device=gram.device)
+        A[:, 1:, 1:] = gram + (self.lam * scale + _TINY) * eye
+        rhs = gram.new_zeros(B, k + 1, 1)
         rhs[:, 0] = 1
-        alpha = torch.linalg.solve(A, rhs)[:, 1:, 0]  # (B, k)
-        mixed_x = (alpha.unsqueeze(-1) * X).sum(1)
-        mixed_f = (alpha.unsqueeze(-1) * Fm).sum(1)
-        return _unflat(mixed_x + self.mix * mixed_f, z)
+        alpha = torch.linalg.solve(A, rhs)[:, 1:].transpose(1, 2)  # (B, 1, k)
+        mixed = torch.bmm(alpha, self.X[:, :k]) + self.mix * torch.bmm(alpha, self.F[:, :k])
+        return _unflat(mixed.squeeze(1), z)
 
 
 class _Broyden:
