@@ -143,10 +143,6 @@ class EPConfig:
     t2sel: int = 100
     t2_tol: float = 1e-6
     nudge_solver: str = "anderson"
-    # Trace the AsymEP linearisation once per step (torch.func.linearize) instead of a fresh jvp per
-    # nudged step. Measured slower on CPU at the tiny preset (0.68 s vs 0.44 s per EP step), and
-    # impossible for stochastic (analog) fields, so it is opt-in.
-    trace: bool = False
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:

@@ -344,7 +344,6 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     if analog is not None:
-        cfg.ep = dataclasses.replace(cfg.ep, trace=False)  # a noisy periphery cannot be traced
         if not analog.io.ideal:
             # The read and output noise set a floor on the residual (≈0.5 with aihwkit's periphery),
             # so only non-finite values roll an analog run back.

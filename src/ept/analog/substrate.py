@@ -10,7 +10,6 @@ implements them trains with the same loop as the simulator.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -162,7 +161,5 @@ class SimulatedSubstrate:
         if any(complex(b).imag for b in nudge.betas):
             raise ValueError("an analog substrate relaxes real states only: use estimator 'centred' or "
                              "'onesided' (or holo 2), not a complex holomorphic contour")
-        # A stochastic periphery cannot be traced: always a fresh jvp for the AsymEP correction.
-        ep = dataclasses.replace(self.ep, trace=False)
-        z_beta, stats, _ = nudged_phase(self.model, x, nudge.targets, nudge.anchor, self.solver, ep)
+        z_beta, stats, _ = nudged_phase(self.model, x, nudge.targets, nudge.anchor, self.solver, self.ep)
         return z_beta, stats

@@ -114,7 +114,7 @@ def _speed_args(p: argparse.ArgumentParser, top: bool = False) -> None:
     p.add_argument("--no_peer", action="store_true", help="skip the TorchDEQ column")
     p.add_argument("--no_memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="an EP option over the preset's (repeatable), e.g. --set t2sel=10 --set trace=false")
+                   help="an EP option over the preset's (repeatable), e.g. --set t2sel=10 --set asym=none")
 
 
 def _add_speed(parts: argparse._SubParsersAction) -> None:
