@@ -80,10 +80,15 @@ class SolverConfig:
     T1: int = 0  # minimum iterations (the seed's fixed count)
     t1max: int = 150  # maximum iterations
     res_est: float = 1e-4  # target true residual ||F(z)|| / ||z||
-    m: int = 5  # Anderson memory
-    lam: float = 1e-4  # Anderson regularisation, relative to the residual Gram matrix
+    m: int = 8  # Anderson memory
+    lam: float = 1e-2  # Anderson regularisation, relative to each (unit-scaled) residual difference
     mix: float = 1.0  # Anderson mixing (1 = undamped)
     div_factor: float = 1e4  # growth of a sequence's ||F(z)|| over its lowest that counts as divergence
+    # Anderson safeguards, per sequence: plain steps while the residual is above accel_from and plain
+    # steps still cut it by 10% (far from the fixed point the secant model is wrong), and a fresh
+    # history whenever the residual exceeds ``restart`` times its best so far.
+    accel_from: float = 0.1
+    restart: float = 10.0
 
     def __post_init__(self) -> None:
         if self.method not in SOLVER_METHODS:
@@ -94,6 +99,9 @@ class SolverConfig:
             raise ValueError(f"solver needs t1max > 0 and T1 >= 0, got T1={self.T1}, t1max={self.t1max}")
         if self.m < 1:
             raise ValueError(f"Anderson memory m must be >= 1, got {self.m}")
+        if self.accel_from <= 0 or self.restart <= 1:
+            raise ValueError(f"Anderson safeguards need accel_from > 0 and restart > 1, got "
+                             f"accel_from={self.accel_from}, restart={self.restart}")
 
 
 @dataclass

@@ -21,6 +21,7 @@ Field = Callable[[Tensor], Tensor]
 Monitor = Callable[[Tensor, Tensor], bool]
 
 _TINY = 1e-30
+_PLAIN_PROGRESS = 0.9  # a plain step that cuts the residual by at least 10% is still worth taking
 
 
 @dataclass
@@ -65,51 +66,57 @@ def _unflat(v: Tensor, like: Tensor) -> Tensor:
 class _Anderson:
     """Type-II Anderson mixing on g(z) = z + eps·F(z), one set of coefficients per sequence.
 
-    The Tikhonov term is scaled by the mean diagonal of the residual Gram matrix: a fixed absolute
-    value is either negligible far from the solution or dominant near it, and in the latter case
-    Anderson degrades to plain iteration (or worse).
+    Each step solves min ||f_k + ΔF γ|| over the differences ΔF_i = f_i - f_k to the newest residual
+    f_k (f = eps·F), in float64 and with every column of ΔF scaled to unit norm, then mixes
+    z ← z_k + ΔX γ + mix·(f_k + ΔF γ). Residuals in a window span orders of magnitude; the raw
+    Gram matrix of float32 residuals then loses the small (newest) ones. ``lam`` is Tikhonov on the
+    scaled system, i.e. relative to each difference's own size.
 
-    The last ``m`` iterates and residuals live in preallocated ring buffers, and the Gram matrix
-    gains one row per step instead of being rebuilt: at the tiny preset rebuilding it (stack, then
-    broadcast products) cost about as much as the field itself.
+    A sequence flagged in ``restart`` forgets its history and takes a plain step: Anderson's secant
+    model only holds where F is nearly linear, and points far from the fixed point (z = 0, where
+    LayerNorm is singular, or a state a bad extrapolation threw away) poison every later step.
     """
 
     def __init__(self, m: int, lam: float, mix: float):
         self.m, self.lam, self.mix = m, lam, mix
-        self.X: Tensor | None = None  # (B, m, n) iterates
+        self.X: Tensor | None = None  # (B, m, n) iterates, ring buffer
         self.F: Tensor | None = None  # (B, m, n) eps-scaled residuals
-        self.gram: Tensor | None = None  # (B, m, m)
+        self.stamp: Tensor | None = None  # (B, m) the step each slot was written at
+        self.since: Tensor | None = None  # (B,) a sequence's history starts at this step
         self.count = 0
 
-    def step(self, z: Tensor, fz: Tensor, eps: float) -> Tensor:
+    def step(self, z: Tensor, fz: Tensor, eps: float, restart: Tensor | None = None) -> Tensor:
         x, f = _flat(z), _flat(fz) * eps
         if self.X is None:
             B, n = x.shape
             self.X = x.new_zeros(B, self.m, n)
             self.F = x.new_zeros(B, self.m, n)
-            self.gram = x.new_zeros(B, self.m, self.m)
+            self.stamp = torch.full((B, self.m), -1, dtype=torch.long, device=x.device)
+            self.since = torch.zeros(B, dtype=torch.long, device=x.device)
+        if restart is not None:
+            self.since = torch.where(restart.to(x.device), self.count, self.since)
         slot = self.count % self.m
-        self.count += 1
-        k = min(self.count, self.m)
         self.X[:, slot] = x
         self.F[:, slot] = f
-        row = torch.bmm(self.F[:, :k], f.unsqueeze(-1)).squeeze(-1)  # (B, k): <f_i, f_new>
-        self.gram[:, slot, :k] = row
-        self.gram[:, :k, slot] = row
-        gram = self.gram[:, :k, :k]
-        scale = gram.diagonal(dim1=1, dim2=2).mean(-1).view(-1, 1, 1)
-        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
-        # Bordered system for min ||sum a_i f_i|| subject to sum a_i = 1.
-        B = x.shape[0]
-        A = gram.new_zeros(B, k + 1, k + 1)
-        A[:, 0, 1:] = 1
-        A[:, 1:, 0] = 1
-        A[:, 1:, 1:] = gram + (self.lam * scale + _TINY) * eye
-        rhs = gram.new_zeros(B, k + 1, 1)
-        rhs[:, 0] = 1
-        alpha = torch.linalg.solve(A, rhs)[:, 1:].transpose(1, 2)  # (B, 1, k)
-        mixed = torch.bmm(alpha, self.X[:, :k]) + self.mix * torch.bmm(alpha, self.F[:, :k])
-        return _unflat(mixed.squeeze(1), z)
+        self.stamp[:, slot] = self.count
+        self.count += 1
+        others = [i for i in range(min(self.count, self.m)) if i != slot]
+        if not others:
+            return _unflat(x + self.mix * f, z)
+        valid = (self.stamp[:, others] >= self.since.unsqueeze(1)).unsqueeze(-1)  # (B, k-1, 1)
+        dF = (self.F[:, others] - f.unsqueeze(1)) * valid
+        dX = (self.X[:, others] - x.unsqueeze(1)) * valid
+        dF64 = dF.to(torch.float64)
+        gram = dF64 @ dF64.transpose(1, 2)
+        scale = gram.diagonal(dim1=1, dim2=2).sqrt().clamp_min(_TINY)  # (B, k-1)
+        gram = gram / (scale.unsqueeze(-1) * scale.unsqueeze(-2))
+        # A forgotten slot gets a unit diagonal and a zero right-hand side: its coefficient is 0.
+        gram = gram + (self.lam + (~valid.squeeze(-1)).to(gram.dtype)).diag_embed()
+        rhs = -(dF64 @ f.to(torch.float64).unsqueeze(-1)).squeeze(-1) / scale
+        gamma = (torch.linalg.solve(gram, rhs) / scale).to(x.dtype).unsqueeze(1)  # (B, 1, k-1)
+        step_x = x + torch.bmm(gamma, dX).squeeze(1)
+        step_f = f + torch.bmm(gamma, dF).squeeze(1)
+        return _unflat(step_x + self.mix * step_f, z)
 
 
 class _Broyden:
@@ -160,7 +167,8 @@ class _Broyden:
 
 
 _ALIASES = {"T1": "min_iter", "t1max": "max_iter", "res_est": "tol"}
-_SOLVE_OPTS = ("tol", "max_iter", "min_iter", "eps", "m", "lam", "mix", "div_factor", "monitor")
+_SOLVE_OPTS = ("tol", "max_iter", "min_iter", "eps", "m", "lam", "mix", "div_factor", "monitor", "accel_from",
+               "restart")
 
 
 def solve(
@@ -174,8 +182,9 @@ def solve(
     """Relax ``z`` until the worst sequence's residual ||F(z)||/||z|| is at most ``tol``.
 
     Options: ``min_iter`` (iterate at least this often, the seed's T1), ``eps`` (step of
-    z <- z + eps F(z), default 0.5), ``m``, ``lam``, ``mix`` (Anderson), ``div_factor`` (a sequence
-    whose ||F(z)|| grows this much over its lowest marks divergence), ``monitor(z, F(z)) -> bool``
+    z <- z + eps F(z), default 0.5), ``m``, ``lam``, ``mix``, ``accel_from``, ``restart`` (Anderson, see
+    :class:`SolverConfig`), ``div_factor`` (a sequence whose ||F(z)|| grows this much over its lowest
+    marks divergence), ``monitor(z, F(z)) -> bool``
     (stop early, e.g. adaptive T2). The seed's names ``T1``, ``t1max``, ``res_est`` are accepted too.
 
     Returns the last state at which F was evaluated (so the reported residual is its residual) and
@@ -191,14 +200,10 @@ def solve(
             raise unknown_option_error("solver", key, list(_SOLVE_OPTS) + list(_ALIASES))
     cfg = SolverConfig(
         method=method,
-        eps=opts.get("eps", 0.5),
-        T1=opts.get("min_iter", 0),
+        T1=opts.pop("min_iter", 0),
         t1max=max_iter,
         res_est=tol,
-        m=opts.get("m", 5),
-        lam=opts.get("lam", 1e-4),
-        mix=opts.get("mix", 1.0),
-        div_factor=opts.get("div_factor", 1e4),
+        **{k: v for k, v in opts.items() if k != "monitor"},
     )
     return relax(field_fn, z0, cfg, monitor=opts.get("monitor"))
 
@@ -219,6 +224,8 @@ def relax(
     # Divergence is judged on the absolute ||F(z)|| per sequence: a state that blows up
     # geometrically keeps a bounded *relative* residual, so that one cannot see it.
     lowest = None
+    best_res: Tensor | None = None
+    prev_res = torch.tensor(float("inf"), dtype=torch.float64)
     for k in range(cfg.t1max):
         fz = field_fn(z)
         stats.fevals += 1
@@ -242,7 +249,18 @@ def relax(
             break
         if k + 1 == cfg.t1max:
             break
-        z = accel.step(z, fz, cfg.eps) if accel is not None else z + cfg.eps * fz
+        if isinstance(accel, _Anderson):
+            best_res = res if best_res is None else torch.minimum(best_res, res)
+            # Plain steps for a sequence far from its fixed point while they still make progress
+            # (z = 0 always: LayerNorm is singular there); Anderson once plain iteration slows down.
+            progress = res < _PLAIN_PROGRESS * prev_res
+            restart = ((res > cfg.accel_from) & progress) | (res > cfg.restart * best_res)
+            prev_res = res
+            z = accel.step(z, fz, cfg.eps, restart)
+        elif accel is not None:
+            z = accel.step(z, fz, cfg.eps)
+        else:
+            z = z + cfg.eps * fz
     if good is None:  # the starting point itself was not finite
         stats.residual_per_seq = res
         stats.residual = stats.residual_max = float("nan")

@@ -13,6 +13,7 @@ and a real field's conjugate nudges are never relaxed: z_{β̄} = conj(z_β).
 from __future__ import annotations
 
 import cmath
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -187,10 +188,8 @@ def nudged_phase(
         return bool(change < cfg.t2_tol)
 
     steps = cfg.t2sel if adaptive else cfg.T2
-    nudge_cfg = SolverConfig(
-        method=cfg.nudge_solver, eps=solver.eps, T1=0 if adaptive else steps, t1max=steps,
-        res_est=0.0, m=solver.m, lam=solver.lam, mix=solver.mix, div_factor=solver.div_factor,
-    )
+    nudge_cfg = dataclasses.replace(solver, method=cfg.nudge_solver, T1=0 if adaptive else steps, t1max=steps,
+                                    res_est=0.0)
     with torch.no_grad():
         z_beta, stats = relax(field, zs.to(sdtype), nudge_cfg, monitor=settled if adaptive else None)
     return z_beta, stats, estimate
