@@ -117,3 +117,22 @@ def test_unknown_and_bad_options_are_refused():
         ept.solve(f, exact, epss=0.1)
     with pytest.raises(ValueError, match="method"):
         ept.solve(f, exact, method="newton")
+
+
+def test_anderson_stall_guard_gets_past_a_ghost_fixed_point():
+    """F(z) = -0.1 (z² + δ)(z - 3): one root at z = 3, and near z = 0 a "ghost" where |F| has a
+    local minimum ≈ 0.3δ but no root. Plain iteration crawls past it; unguarded Anderson, which
+    extrapolates to where the secant model vanishes, sits at the ghost (as on a trained tiny
+    operator near a Hopf point). The stall guard hands such sequences back to plain iteration."""
+
+    def f(z):
+        return -0.1 * (z**2 + 1e-2) * (z - 3.0)
+
+    z0 = torch.linspace(-1.5, -0.5, 16, dtype=torch.float64).repeat(2, 1)
+    _, plain = ept.solve(f, z0, method="fixed_point", tol=1e-8, max_iter=600)
+    z, guarded = ept.solve(f, z0, method="anderson", tol=1e-8, max_iter=600)
+    _, unguarded = ept.solve(f, z0, method="anderson", tol=1e-8, max_iter=600, stall=10**6)
+    assert plain.converged and guarded.converged
+    torch.testing.assert_close(z, torch.full_like(z, 3.0), rtol=0, atol=1e-6)
+    assert guarded.fevals <= plain.fevals
+    assert not unguarded.converged and unguarded.residual_max > 1e-3

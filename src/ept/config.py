@@ -84,11 +84,13 @@ class SolverConfig:
     lam: float = 1e-2  # Anderson regularisation, relative to each (unit-scaled) residual difference
     mix: float = 1.0  # Anderson mixing (1 = undamped)
     div_factor: float = 1e4  # growth of a sequence's ||F(z)|| over its lowest that counts as divergence
-    # Anderson safeguards, per sequence: plain steps while the residual is above accel_from and plain
-    # steps still cut it by 10% (far from the fixed point the secant model is wrong), and a fresh
-    # history whenever the residual exceeds ``restart`` times its best so far.
+    # Anderson safeguards, per sequence (ept.solvers._Guard): plain steps while the residual is above
+    # accel_from and plain steps still cut it by 10%; a fresh history when the residual exceeds
+    # ``restart`` times its best; plain iteration for good once the residual has not halved in
+    # ``stall`` Anderson steps.
     accel_from: float = 0.1
     restart: float = 10.0
+    stall: int = 16
 
     def __post_init__(self) -> None:
         if self.method not in SOLVER_METHODS:
@@ -99,9 +101,9 @@ class SolverConfig:
             raise ValueError(f"solver needs t1max > 0 and T1 >= 0, got T1={self.T1}, t1max={self.t1max}")
         if self.m < 1:
             raise ValueError(f"Anderson memory m must be >= 1, got {self.m}")
-        if self.accel_from <= 0 or self.restart <= 1:
-            raise ValueError(f"Anderson safeguards need accel_from > 0 and restart > 1, got "
-                             f"accel_from={self.accel_from}, restart={self.restart}")
+        if self.accel_from <= 0 or self.restart <= 1 or self.stall < 1:
+            raise ValueError(f"Anderson safeguards need accel_from > 0, restart > 1 and stall >= 1, got "
+                             f"accel_from={self.accel_from}, restart={self.restart}, stall={self.stall}")
 
 
 @dataclass
@@ -151,6 +153,11 @@ class EPConfig:
     t2sel: int = 100
     t2_tol: float = 1e-6
     nudge_solver: str = "anderson"
+    # The nudged problem starts next to its solution and is nearly linear: a short, lightly
+    # regularised Anderson memory tracks it best (the free phase's m=8, lam=1e-2 gave worse EP
+    # cosines and blew up nudged phases of a trained tiny model).
+    nudge_m: int = 5
+    nudge_lam: float = 1e-4
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:

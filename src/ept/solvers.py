@@ -166,9 +166,48 @@ class _Broyden:
         return _unflat(x - self._inv(g), z)
 
 
+class _Guard:
+    """Per-sequence safeguards around Anderson (see :class:`SolverConfig`).
+
+    - far: plain steps while the residual is above ``accel_from`` and plain steps still cut it by
+      10%: the secant model is wrong far from the fixed point (z = 0 always: LayerNorm is singular
+      there), and such points poison every later extrapolation;
+    - restart: a residual ``restart`` times above the best so far clears the sequence's history;
+    - stall: a sequence whose residual has not halved in ``stall`` steps is left to plain iteration
+      for the rest of the solve. On a trained operator near a Hopf point Anderson otherwise sits
+      at a residual of ~1e-2 (a local minimum of ||F||) on sequences plain iteration does solve.
+    """
+
+    def __init__(self) -> None:
+        self.k = 0
+        self.prev = torch.tensor(float("inf"), dtype=torch.float64)
+        self.best: Tensor | None = None
+        self.mark: Tensor | None = None  # the residual each sequence must next halve ...
+        self.mark_at: Tensor | None = None  # ... and the step it was set at
+        self.plain_only: Tensor | None = None
+
+    def step(self, accel: _Anderson, z: Tensor, fz: Tensor, res: Tensor, cfg: SolverConfig) -> Tensor:
+        if self.best is None:
+            self.best, self.mark = res, res
+            self.mark_at = torch.zeros_like(res, dtype=torch.long)
+            self.plain_only = torch.zeros_like(res, dtype=torch.bool)
+        self.best = torch.minimum(self.best, res)
+        halved = res < 0.5 * self.mark
+        self.mark = torch.where(halved, res, self.mark)
+        self.mark_at = torch.where(halved, self.k, self.mark_at)
+        far = (res > cfg.accel_from) & (res < _PLAIN_PROGRESS * self.prev)
+        # The stall clock only runs for sequences Anderson is driving.
+        self.mark_at = torch.where(far, self.k, self.mark_at)
+        self.plain_only = self.plain_only | (self.k - self.mark_at > cfg.stall)
+        restart = far | (res > cfg.restart * self.best) | self.plain_only
+        self.prev = res
+        self.k += 1
+        return accel.step(z, fz, cfg.eps, restart)
+
+
 _ALIASES = {"T1": "min_iter", "t1max": "max_iter", "res_est": "tol"}
 _SOLVE_OPTS = ("tol", "max_iter", "min_iter", "eps", "m", "lam", "mix", "div_factor", "monitor", "accel_from",
-               "restart")
+               "restart", "stall")
 
 
 def solve(
@@ -224,8 +263,7 @@ def relax(
     # Divergence is judged on the absolute ||F(z)|| per sequence: a state that blows up
     # geometrically keeps a bounded *relative* residual, so that one cannot see it.
     lowest = None
-    best_res: Tensor | None = None
-    prev_res = torch.tensor(float("inf"), dtype=torch.float64)
+    guard = _Guard()
     for k in range(cfg.t1max):
         fz = field_fn(z)
         stats.fevals += 1
@@ -250,13 +288,7 @@ def relax(
         if k + 1 == cfg.t1max:
             break
         if isinstance(accel, _Anderson):
-            best_res = res if best_res is None else torch.minimum(best_res, res)
-            # Plain steps for a sequence far from its fixed point while they still make progress
-            # (z = 0 always: LayerNorm is singular there); Anderson once plain iteration slows down.
-            progress = res < _PLAIN_PROGRESS * prev_res
-            restart = ((res > cfg.accel_from) & progress) | (res > cfg.restart * best_res)
-            prev_res = res
-            z = accel.step(z, fz, cfg.eps, restart)
+            z = guard.step(accel, z, fz, res, cfg)
         elif accel is not None:
             z = accel.step(z, fz, cfg.eps)
         else:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import cmath
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -188,8 +189,9 @@ def nudged_phase(
         return bool(change < cfg.t2_tol)
 
     steps = cfg.t2sel if adaptive else cfg.T2
+    # z* is a good point to extrapolate from, so Anderson starts at once (no plain-step gate).
     nudge_cfg = dataclasses.replace(solver, method=cfg.nudge_solver, T1=0 if adaptive else steps, t1max=steps,
-                                    res_est=0.0)
+                                    res_est=0.0, accel_from=math.inf, m=cfg.nudge_m, lam=cfg.nudge_lam)
     with torch.no_grad():
         z_beta, stats = relax(field, zs.to(sdtype), nudge_cfg, monitor=settled if adaptive else None)
     return z_beta, stats, estimate
