@@ -124,3 +124,14 @@ def test_trained_operator_is_cached_and_reloaded(tmp_path, monkeypatch):
     assert same == path
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k])
+
+
+def test_quality_run_folders_are_complete_runs(tmp_path):
+    """`ept bench quality --out` leaves folders that eval/generate load like any `ept train` run."""
+    from ept.cli.bench import quality
+    from ept.cli.eval import load_run
+
+    quality("tiny", steps=2, modes=("bp",), out=tmp_path / "q", log=lambda _: None)
+    loaded = load_run(tmp_path / "q" / "bp")
+    assert loaded.cfg.train.mode == "bp" and loaded.step == 2
+    assert loaded.tokens.vocab_size == loaded.cfg.model.vocab_size and loaded.cfg.data.key

@@ -46,6 +46,7 @@ class SpeedConfig:
     train_steps: int = 300  # EP steps that make the trained operator for the F-eval comparison
     tol: float = 1e-4  # the true residual the F-eval comparison solves to
     max_evals: int = 400
+    solver_batches: int = 4  # batches of the trained operator in the F-eval comparison
     scales: tuple[float, ...] = (2.0, 3.0, 4.0)  # random fields with weights ×scale for the peer column
     lr: float = 1e-3  # the optimizer-free update's step (its cost is what counts, not its value)
     threads: int = 0  # torch threads (0: torch's default)
