@@ -8,6 +8,7 @@ systems (sequences): the residual is reported per row, mean and worst.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -194,10 +195,9 @@ class _Guard:
         self.best = torch.minimum(self.best, res)
         halved = res < 0.5 * self.mark
         self.mark = torch.where(halved, res, self.mark)
-        self.mark_at = torch.where(halved, self.k, self.mark_at)
         far = (res > cfg.accel_from) & (res < _PLAIN_PROGRESS * self.prev)
-        # The stall clock only runs for sequences Anderson is driving.
-        self.mark_at = torch.where(far, self.k, self.mark_at)
+        # The stall clock restarts on progress, and runs only for sequences Anderson is driving.
+        self.mark_at = torch.where(halved | far, self.k, self.mark_at)
         self.plain_only = self.plain_only | (self.k - self.mark_at > cfg.stall)
         restart = far | (res > cfg.restart * self.best) | self.plain_only
         self.prev = res
@@ -206,8 +206,9 @@ class _Guard:
 
 
 _ALIASES = {"T1": "min_iter", "t1max": "max_iter", "res_est": "tol"}
-_SOLVE_OPTS = ("tol", "max_iter", "min_iter", "eps", "m", "lam", "mix", "div_factor", "monitor", "accel_from",
-               "restart", "stall")
+# Every SolverConfig field except those solve() spells itself (method, and the seed's three above).
+_SOLVE_OPTS = ("tol", "max_iter", "min_iter", "monitor") + tuple(
+    f.name for f in dataclasses.fields(SolverConfig) if f.name not in ("method", *_ALIASES))
 
 
 def solve(
@@ -221,10 +222,10 @@ def solve(
     """Relax ``z`` until the worst sequence's residual ||F(z)||/||z|| is at most ``tol``.
 
     Options: ``min_iter`` (iterate at least this often, the seed's T1), ``eps`` (step of
-    z <- z + eps F(z), default 0.5), ``m``, ``lam``, ``mix``, ``accel_from``, ``restart`` (Anderson, see
-    :class:`SolverConfig`), ``div_factor`` (a sequence whose ||F(z)|| grows this much over its lowest
-    marks divergence), ``monitor(z, F(z)) -> bool``
-    (stop early, e.g. adaptive T2). The seed's names ``T1``, ``t1max``, ``res_est`` are accepted too.
+    z <- z + eps F(z), default 0.5), ``m``, ``lam``, ``mix``, ``accel_from``, ``restart``, ``stall``
+    (Anderson, see :class:`SolverConfig`), ``div_factor`` (a sequence whose ||F(z)|| grows this much
+    over its lowest marks divergence), ``monitor(z, F(z)) -> bool`` (stop early, e.g. adaptive T2).
+    The seed's names ``T1``, ``t1max``, ``res_est`` are accepted too.
 
     Returns the last state at which F was evaluated (so the reported residual is its residual) and
     :class:`SolveStats`. A non-finite field or a growing residual stops the solve with
