@@ -25,7 +25,7 @@ from torch import Tensor
 from ept import checkpoint as ckpt
 from ept.analog import AnalogConfig, SimulatedSubstrate, WriteLedger, project, run_summary
 from ept.baseline import bp_gradient
-from ept.data import TokenData, get_batch
+from ept.data import TokenData, get_batch, save_tokenizer
 from ept.evaluate import Predictor, generate, mean_ce, unigram_ce
 from ept.grad import gradient
 from ept.grad.common import free_phase
@@ -39,6 +39,13 @@ if TYPE_CHECKING:
 MODES = ("ep", "bptt", "bp")
 CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE = "config.json", "tokenizer.json", "metrics.jsonl"
 CURVES_FILE, SAMPLE_FILE = "curves.png", "sample.txt"
+
+
+def write_run_files(run: Path, cfg: RunConfig, data: TokenData) -> None:
+    """A run folder's own files besides checkpoints: the tokenizer and the resolved configuration
+    (what eval, generate, fingerprint and ``--resume`` read back)."""
+    save_tokenizer(data.tokenizer, run / TOKENIZER_FILE)
+    ckpt.write_json(run / CONFIG_FILE, cfg.to_dict())
 
 
 @dataclass

@@ -17,12 +17,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ept.checkpoint import write_json
 from ept.cli import UsageError
-from ept.data import DataError, load_corpus, prepare, save_tokenizer
+from ept.data import DataError, load_corpus, prepare
 from ept.evaluate import unigram_ce
 from ept.presets import PRESETS, resolve
-from ept.train import CONFIG_FILE, MODES, TOKENIZER_FILE, train
+from ept.train import MODES, train, write_run_files
 
 EP_TARGET = 0.05  # the bar: EP val CE within this of BPTT's
 
@@ -44,8 +43,7 @@ def quality(preset: str = "tiny", steps: int | None = None, modes: tuple[str, ..
             # `bench speed --ckpt` read its config and tokenizer.
             run = out / mode
             run.mkdir(parents=True, exist_ok=False)
-            save_tokenizer(data.tokenizer, run / TOKENIZER_FILE)
-            write_json(run / CONFIG_FILE, cfg.to_dict())
+            write_run_files(run, cfg, data)
         t0 = time.time()
         s = train(cfg, data, run, log=lambda msg, mode=mode: log(f"[{mode}] {msg}"))
         keep = ("val_ce", "initial_val_ce", "train_loss", "steps", "rollbacks")

@@ -22,9 +22,9 @@ from ept.analog.cli_args import add_arguments as add_analog_arguments
 from ept.analog.cli_args import config_from_args as analog_config_from_args
 from ept.cli import UsageError
 from ept.config import EPTConfig
-from ept.data import DataError, TokenData, load_corpus, prepare, save_tokenizer
+from ept.data import DataError, TokenData, load_corpus, prepare
 from ept.presets import CONTROL_FLAGS, PRESETS, RunConfig, resolve
-from ept.train import CONFIG_FILE, TOKENIZER_FILE, TrainConfig, TrainingDiverged, train
+from ept.train import CONFIG_FILE, TrainConfig, TrainingDiverged, train, write_run_files
 
 HELP = {
     "mode": "ep (equilibrium propagation), bptt (backprop through the relaxation), bp (explicit)",
@@ -352,8 +352,7 @@ def run_train(args: argparse.Namespace) -> int:
         cfg.model = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
         cfg.data.key = data.key
         weights = init_weights(flags["init_ckpt"], data.key) if "init_ckpt" in flags else None
-        save_tokenizer(data.tokenizer, run / TOKENIZER_FILE)
-        ckpt.write_json(run / CONFIG_FILE, cfg.to_dict())
+        write_run_files(run, cfg, data)
     _say(
         f"run folder {run}: {cfg.train.mode} C={cfg.model.C} H={cfg.model.H} T={cfg.model.T} "
         f"B={cfg.train.B} vocab={cfg.model.vocab_size} steps={cfg.train.steps} ({data.source})"
