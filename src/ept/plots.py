@@ -22,9 +22,16 @@ def read_metrics(path: str | Path) -> list[dict]:
     return out
 
 
-def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
-    return [p[0] for p in pts], [float(p[1]) for p in pts]
+def series(records: list[dict], *keys: str) -> tuple[list[int], list[float]]:
+    """(step, value) of the records that have a step and one of ``keys`` (the first one present)."""
+    xs, ys = [], []
+    for r in records:
+        for k in keys:
+            if r.get(k) is not None and "step" in r:
+                xs.append(r["step"])
+                ys.append(float(r[k]))
+                break
+    return xs, ys
 
 
 def _legend(ax: plt.Axes) -> None:
@@ -37,28 +44,34 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     ax = axes[0]
     for key, label in (("loss", "train loss"), ("val_ce", "val CE")):
-        xs, ys = _series(records, key)
+        xs, ys = series(records, key)
         if xs:
             ax.plot(xs, ys, label=label, marker="o" if key == "val_ce" else None, ms=3)
     ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="loss")
     _legend(ax)
     ax = axes[1]
     for key, label in (("free_residual", "mean"), ("free_residual_max", "worst sequence")):
-        xs, ys = _series(records, key)
+        xs, ys = series(records, key)
         if xs and all(y > 0 for y in ys):
             ax.semilogy(xs, ys, label=label)
     ax.set(xlabel="step", ylabel="||F(z)|| / ||z||", title="free-phase residual")
     _legend(ax)
     ax = axes[2]
     for key, label in (("T1", "T1 (free F-evals)"), ("T2", "T2 (nudged steps)")):
-        xs, ys = _series(records, key)
+        xs, ys = series(records, key)
         if xs:
             ax.plot(xs, ys, label=label)
     ax.set(xlabel="step", ylabel="iterations", title="relaxation cost")
     _legend(ax)
-    for step in (r["step"] for r in records if r.get("event") == "rollback"):
+    return finish_run_figure(fig, axes, records, path, title, rollback_ls="--")
+
+
+def finish_run_figure(fig: plt.Figure, axes: list[plt.Axes], records: list[dict], path: str | Path,
+                      title: str = "", rollback_ls: str = "--") -> Path:
+    """Mark every rollback of the run on every panel, add the title, and save the PNG."""
+    for step in (r["step"] for r in records if r.get("event") == "rollback" and "step" in r):
         for a in axes:
-            a.axvline(step, color="red", lw=0.8, ls="--")
+            a.axvline(step, color="red", lw=0.8, ls=rollback_ls)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -11,7 +11,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
-from ept.plots import save_png  # noqa: E402
+from ept.plots import finish_run_figure, save_png, series  # noqa: E402
 
 
 def plot_spectrum(eigs: np.ndarray, path: str | Path, eps: float | None = None, title: str = "") -> Path:
@@ -36,17 +36,6 @@ def plot_spectrum(eigs: np.ndarray, path: str | Path, eps: float | None = None, 
     return save_png(fig, path)
 
 
-def _series(records: list[dict[str, Any]], *keys: str) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    for r in records:
-        for k in keys:
-            if r.get(k) is not None and "step" in r:
-                xs.append(r["step"])
-                ys.append(float(r[k]))
-                break
-    return xs, ys
-
-
 def plot_run(records: list[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Loss and val CE, residual, gradient cosines and abscissas of a run, against the step.
 
@@ -64,7 +53,7 @@ def plot_run(records: list[dict[str, Any]], path: str | Path, title: str = "") -
     ]
     for ax, ylabel, lines, log in panels:
         for label, keys in lines:
-            xs, ys = _series(records, *keys)
+            xs, ys = series(records, *keys)
             if not xs:
                 continue
             if log and all(y > 0 for y in ys):
@@ -75,10 +64,4 @@ def plot_run(records: list[dict[str, Any]], path: str | Path, title: str = "") -
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     axes[3].axhline(0.0, color="red", lw=1, ls="--")
-    for step in (r["step"] for r in records if r.get("event") == "rollback" and "step" in r):
-        for a in axes:
-            a.axvline(step, color="red", lw=0.8, ls=":")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return save_png(fig, path)
+    return finish_run_figure(fig, axes, records, path, title, rollback_ls=":")
