@@ -126,6 +126,26 @@ def test_trained_operator_is_cached_and_reloaded(tmp_path, monkeypatch):
         assert torch.equal(v, again.state_dict()[k])
 
 
+def test_trained_operator_from_a_checkpoint_is_its_ema_unless_asked(tmp_path, monkeypatch):
+    """`bench speed --ckpt` measures the weights eval/generate use (the EMA); --weights model the raw ones."""
+    from ept import checkpoint as ck
+
+    monkeypatch.setenv("EPT_CACHE", str(tmp_path / "cache"))
+    cfg = ept.EPTConfig(vocab_size=50, C=16, H=2, T=8)
+    torch.manual_seed(0)
+    raw, ema = ept.EquilibriumLM(cfg), ept.EquilibriumLM(cfg)
+    (tmp_path / "run").mkdir()
+    ck.save_checkpoint(tmp_path / "run", 5, {"model": raw.state_dict(), "ema": ema.state_dict()}, {})
+    tokens = torch.randint(0, 50, (500,)).numpy()
+    got = {w: fe.trained_model(cfg, tokens, "k", 4, 3, {}, ckpt=str(tmp_path / "run"), weights=w)
+           for w in ("ema", "model")}
+    assert torch.equal(got["ema"][0].head.weight, ema.head.weight)
+    assert torch.equal(got["model"][0].head.weight, raw.head.weight)
+    assert got["ema"][1] != got["model"][1]  # the memory children must not read the other's cache file
+    with pytest.raises(ValueError, match="weights 'last'"):
+        fe.trained_model(cfg, tokens, "k", 4, 3, {}, ckpt=str(tmp_path / "run"), weights="last")
+
+
 def test_quality_run_folders_are_complete_runs(tmp_path):
     """`ept bench quality --out` leaves folders that eval/generate load like any `ept train` run."""
     from ept.cli.bench import quality

@@ -105,21 +105,21 @@ def compile_gain(model: EquilibriumLM, idx: Tensor, calls: int = 20) -> dict[str
 
 
 def run_speed(cfg: SpeedConfig, log: Callable[[str], None] = print, compile_field: bool = False,
-              ckpt: str | None = None) -> dict[str, Any]:
+              ckpt: str | None = None, weights: str = "ema") -> dict[str, Any]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     setup = preset_setup(cfg.preset, cfg.ep_set)
     data = load_tokens(setup["model"].vocab_size)
     model_cfg = dataclasses.replace(setup["model"], vocab_size=data.vocab_size)
-    model, weights = fe.trained_model(model_cfg, data.train, data.key, setup["B"], cfg.train_steps,
-                                      setup["ep"], log=log, ckpt=ckpt)
+    model, weights_file = fe.trained_model(model_cfg, data.train, data.key, setup["B"], cfg.train_steps,
+                                           setup["ep"], log=log, ckpt=ckpt, weights=weights)
     idx, tgt = fixed_batch(data.train, setup["B"], model_cfg.T)
     opts = {**setup, "T1": cfg.T1}
     s: dict[str, Any] = {"preset": cfg.preset, "B": setup["B"], "C": model_cfg.C, "H": model_cfg.H,
                          "T": model_cfg.T, "vocab": model_cfg.vocab_size, "bptt_T1": cfg.T1,
                          "bp_layers": setup["layers"], "threads": torch.get_num_threads(),
                          "device": "cuda" if torch.cuda.is_available() else "cpu",
-                         "trained_steps": cfg.train_steps if ckpt is None else f"ckpt {ckpt}",
+                         "trained_steps": cfg.train_steps if ckpt is None else f"ckpt {ckpt} ({weights})",
                          "tol": cfg.tol, "max_evals": cfg.max_evals, "ep_set": cfg.ep_set}
     log("timing EP, BPTT and BP round-robin")
     times = time_routes(model, idx, tgt, opts, cfg.repeats, cfg.lr)
@@ -135,7 +135,7 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] = print, compile_fiel
     if cfg.memory:
         log("peak memory, one subprocess per route")
         for r in ROUTES:
-            s[f"{r}_peak_mb"] = peak_in_subprocess(r, cfg.preset, weights, cfg.T1, cfg.threads,
+            s[f"{r}_peak_mb"] = peak_in_subprocess(r, cfg.preset, weights_file, cfg.T1, cfg.threads,
                                                    cfg.ep_set) / 2**20
         s["ep_over_bptt_mem"] = _ratio(s["ep_peak_mb"], s["bptt_peak_mb"])
         s["ep_over_bp_mem"] = _ratio(s["ep_peak_mb"], s["bp_peak_mb"])

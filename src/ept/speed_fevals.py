@@ -30,6 +30,7 @@ from ept.solvers import residual_per_seq
 Field = Callable[[Tensor], Tensor]
 EPT_METHODS = ("fixed_point", "anderson", "broyden")
 PEER_METHODS = ("anderson", "broyden")
+CKPT_WEIGHTS = ("ema", "model")
 
 
 class Reached(Exception):
@@ -155,19 +156,25 @@ def train_ep(model: EquilibriumLM, tokens: Any, B: int, steps: int, opts: dict[s
 
 def trained_model(cfg: ept.EPTConfig, tokens: Any, data_key: str, B: int, steps: int, opts: dict[str, Any],
                   log: Callable[[str], None] | None = None,
-                  ckpt: str | None = None) -> tuple[EquilibriumLM, Path]:
+                  ckpt: str | None = None, weights: str = "ema") -> tuple[EquilibriumLM, Path]:
     """The EP-trained model, from the cache when an identical run was done before, or from ``ckpt``
-    (an ``ept train`` checkpoint of the same shapes). The weights file is what the memory children load."""
+    (an ``ept train`` checkpoint of the same shapes). The weights file is what the memory children load.
+
+    ``weights`` picks a checkpoint's parameter EMA (what ``ept eval``, ``generate`` and ``fingerprint``
+    use, falling back to the raw weights when the run kept no EMA) or its raw last iterate ("model").
+    """
+    if weights not in CKPT_WEIGHTS:
+        raise ValueError(f"weights '{weights}' is not one of {', '.join(CKPT_WEIGHTS)}")
     key = _train_key(cfg, steps, opts, data_key) if ckpt is None else hashlib.sha256(
-        str(Path(ckpt).resolve()).encode()).hexdigest()[:16]
+        f"{Path(ckpt).resolve()}|{weights}".encode()).hexdigest()[:16]
     path = cache_dir() / f"speed-trained-{key}.safetensors"
     torch.manual_seed(0)
     model = EquilibriumLM(cfg)
     if ckpt is not None:
         from ept.checkpoint import load_checkpoint, load_weights_into
 
-        loaded = load_checkpoint(ckpt, only=("model",))
-        load_weights_into(model, loaded.weights["model"], str(loaded.path))
+        loaded = load_checkpoint(ckpt, only=("ema", "model"))
+        load_weights_into(model, loaded.weights.get(weights) or loaded.weights["model"], str(loaded.path))
     elif path.is_file():
         model.load_state_dict(load_file(str(path)))
         return model, path
