@@ -214,3 +214,25 @@ def test_bad_option_values_and_routes_are_refused(problem):
         ept.gradient(model, idx, tgt, route="ep", estimator="twosided")
     with pytest.raises(ValueError, match="AsymEP"):
         ept.gradient(model, idx, tgt, route="ep", asym="both")
+
+
+def test_blown_up_nudged_phase_is_relaxed_again_at_a_smaller_beta(problem, monkeypatch):
+    """A nudged phase that diverges at hr is retried once at hr·retry_hr; retry_hr=0 reports it."""
+    import ept.grad.ep as ep_mod
+
+    model, idx, tgt, oracle = problem
+    real, seen = ep_mod.ep_lambda, []
+
+    def blows_up_at_big_beta(model, x, targets, z_star, solver, cfg):
+        seen.append(cfg.hr)
+        lam, st = real(model, x, targets, z_star, solver, cfg)
+        st.diverged = cfg.hr > 0.01
+        return (lam * math.nan if st.diverged else lam), st
+
+    monkeypatch.setattr(ep_mod, "ep_lambda", blows_up_at_big_beta)
+    grads, stats = ept.gradient(model, idx, tgt, route="ep", hr=0.02, **EP_TIGHT)
+    assert seen == [0.02, 0.005] and stats["nudged_retry"] == 1.0 and not stats["diverged"]
+    assert compare(grads, oracle)[0] >= 0.9999
+    seen.clear()
+    _, stats = ept.gradient(model, idx, tgt, route="ep", hr=0.02, retry_hr=0.0, **EP_TIGHT)
+    assert seen == [0.02] and stats["diverged"]

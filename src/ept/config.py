@@ -158,6 +158,10 @@ class EPConfig:
     # cosines and blew up nudged phases of a trained tiny model).
     nudge_m: int = 5
     nudge_lam: float = 1e-4
+    # A nudged phase that blows up is relaxed once more at hr·retry_hr (0: never). Near a Hopf point
+    # Jᵀ - βH can lose stability where Jᵀ alone still has it; a smaller β keeps it, at the price of
+    # more sensitivity to the free phase's residual. Rolling back cannot help: same weights, same blow-up.
+    retry_hr: float = 0.25
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -170,5 +174,7 @@ class EPConfig:
             raise ValueError(f"nudge strength hr must be > 0, got {self.hr}")
         if self.T2 is not None and self.T2 <= 0:
             raise ValueError(f"T2 must be a positive number of nudged steps, got {self.T2}")
+        if not 0 <= self.retry_hr < 1:
+            raise ValueError(f"retry_hr must be in [0, 1) (0: no retry), got {self.retry_hr}")
         if self.nudge_solver not in SOLVER_METHODS:
             raise ValueError(f"nudge_solver '{self.nudge_solver}' is not one of {', '.join(SOLVER_METHODS)}")

@@ -59,6 +59,19 @@ HELP = {
     "T2": "fixed nudged steps (without --t2sel)",
     "t2_tol": "adaptive T2: stop when the estimate changes less than this",
     "estimator": "onesided|centred|holomorphic",
+    "lam": "Anderson regularisation (relative)",
+    "accel_from": "Anderson: plain steps while the residual is above this and still falling",
+    "restart": "Anderson: clear a sequence's history when its residual exceeds this x its best",
+    "stall": "Anderson: plain iteration for good after this many steps without halving the residual",
+    "nudge_solver": "nudged-phase solver: anderson, fixed_point or broyden",
+    "nudge_m": "nudged-phase Anderson memory",
+    "nudge_lam": "nudged-phase Anderson regularisation",
+    "retry_hr": "relax a blown-up nudged phase again at hr x this (0: never)",
+    "jr_target": "jacreg: free-phase residual above which the weight rises",
+    "jr_up": "jacreg: weight factor per step above the target",
+    "jr_decay": "jacreg: weight factor per step on target",
+    "hutch": "jacreg: Hutchinson probes per step",
+    "eig_iters": "eigreg: Lanczos steps per training step",
 }
 RUN_FLAGS = ("out", "resume", "ckpt", "state", "init_ckpt", "stop_after", "json", "preset")
 RESUMABLE = ("steps",)  # flags a resumed run may change (extending it); everything else is fixed
@@ -143,6 +156,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("t1max", int),
         ("res_est", float),
         ("m", int),
+        ("lam", float),
+        ("accel_from", float),
+        ("restart", float),
+        ("stall", int),
         ("estimator", str),
         ("holo", int),
         ("hr", float),
@@ -150,12 +167,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("T2", int),
         ("t2sel", int),
         ("t2_tol", float),
+        ("nudge_solver", str),
+        ("nudge_m", int),
+        ("nudge_lam", float),
+        ("retry_hr", float),
     ):
         phase.add_argument(f"--{name}", type=typ, default=argparse.SUPPRESS, help=HELP.get(name))
     phase.add_argument("--track", action="store_true", default=argparse.SUPPRESS, help=HELP["track"])
     controls = p.add_argument_group("stability controls")
     for name in CONTROL_FLAGS:
-        controls.add_argument(f"--{name}", type=float, default=argparse.SUPPRESS)
+        typ = int if name in ("hutch", "eig_iters") else float
+        controls.add_argument(f"--{name}", type=typ, default=argparse.SUPPRESS, help=HELP.get(name))
     add_analog_arguments(p)
     p.set_defaults(func=run_train)
 

@@ -125,11 +125,16 @@ def ep_gradient(
         lam, nudge_stats = torch.zeros_like(z_star), SolveStats(method="skipped", diverged=True)
     else:
         lam, nudge_stats = ep_lambda(model, x, targets, z_star, solver, cfg)
+    retried = bool(nudge_stats.diverged and not free_stats.diverged and cfg.retry_hr > 0)
+    if retried:
+        lam, nudge_stats = ep_lambda(model, x, targets, z_star, solver,
+                                     dataclasses.replace(cfg, hr=cfg.hr * cfg.retry_hr))
     grads = local_update(model, idx, targets, z_star, lam)
     with torch.no_grad():
         loss = model.loss(z_star, targets).item()
     stats = {"loss": loss, **solve_summary("free", free_stats), **solve_summary("nudged", nudge_stats)}
-    stats.update(T2=nudge_stats.fevals, nudged_states=len(contour(cfg)[0]), z_star=z_star, lam=lam)
+    stats.update(T2=nudge_stats.fevals, nudged_states=len(contour(cfg)[0]), nudged_retry=float(retried),
+                 z_star=z_star, lam=lam)
     return grads, stats
 
 
