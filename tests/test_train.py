@@ -230,3 +230,15 @@ def test_canonical_recipe_maps_onto_the_core_configs() -> None:
 
 def test_token_arrays_are_what_training_reads(tokens) -> None:
     assert isinstance(tokens.train, np.ndarray) and tokens.train.max() < tokens.vocab_size
+
+
+def test_a_rollback_names_the_phase_that_blew_up() -> None:
+    from ept.train import TrainConfig, TrainState, divergence
+
+    t = TrainConfig()
+    nudged = {"loss": 5.0, "diverged": True, "free_diverged": False, "nudged_diverged": True}
+    assert divergence(nudged, TrainState(), t) == "the nudged phase blew up"
+    assert divergence({"loss": 5.0, "diverged": True, "free_diverged": True, "nudged_diverged": False},
+                      TrainState(), t) == "the free phase blew up"
+    assert divergence({"loss": math.nan, "diverged": False}, TrainState(), t) == "non-finite loss or gradient"
+    assert divergence({"loss": 5.0, "diverged": False, "free_residual": 1e-6}, TrainState(), t) is None

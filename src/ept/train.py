@@ -200,7 +200,11 @@ def apply_update(model: EquilibriumLM, optimizer: torch.optim.Optimizer, grads: 
 def divergence(stats: dict[str, Any], state: TrainState, t: TrainConfig) -> str | None:
     """Why this step must be rolled back, or None. Updates the consecutive-bad-step count."""
     if stats.get("diverged") or not math.isfinite(stats.get("loss", math.nan)):
-        return "non-finite loss or gradient, or a relaxation that blew up"
+        phases = [k.removesuffix("_diverged") for k, v in stats.items()
+                  if k.endswith("_diverged") and k != "diverged" and v]
+        if phases:
+            return f"the {' and '.join(phases)} phase blew up"
+        return "non-finite loss or gradient"
     res = stats.get("free_residual")
     state.bad_steps = state.bad_steps + 1 if res is not None and not res <= t.div_res else 0
     if state.bad_steps >= t.div_patience:
