@@ -236,3 +236,50 @@ def test_blown_up_nudged_phase_is_relaxed_again_at_a_smaller_beta(problem, monke
     seen.clear()
     _, stats = ept.gradient(model, idx, tgt, route="ep", hr=0.02, retry_hr=0.0, **EP_TIGHT)
     assert seen == [0.02] and stats["diverged"]
+
+
+def test_a_sequence_off_its_equilibrium_is_left_out_of_the_ep_gradient(problem, monkeypatch):
+    """A sequence whose free residual is above drop_res contributes nothing: the EP gradient is the
+    exact gradient of the mean loss over the others."""
+    import ept.grad.ep as ep_mod
+
+    model, idx, tgt, _ = problem
+    real = ep_mod.free_phase
+
+    def second_sequence_unsettled(model, x, solver):
+        z, st = real(model, x, solver)
+        st.residual_per_seq = st.residual_per_seq.clone()
+        st.residual_per_seq[1] = 0.5
+        return z, st
+
+    monkeypatch.setattr(ep_mod, "free_phase", second_sequence_unsettled)
+    grads, stats = ept.gradient(model, idx, tgt, route="ep", **EP_TIGHT)
+    assert stats["dropped_seqs"] == 1.0 and not stats["diverged"]
+    rest = torch.tensor([0, 2])
+    oracle, _ = ept.gradient(model, idx[rest], tgt[rest], route="implicit", **TIGHT)
+    cos, rel = compare(grads, oracle)
+    assert cos >= 0.9999 and rel == pytest.approx(1.0, abs=0.01)
+    _, kept = ept.gradient(model, idx, tgt, route="ep", drop_res=math.inf, **EP_TIGHT)
+    assert kept["dropped_seqs"] == 0.0
+
+
+def test_sequences_whose_nudged_rows_blew_up_are_dropped_on_the_retry(problem, monkeypatch):
+    import ept.grad.ep as ep_mod
+
+    model, idx, tgt, _ = problem
+    real, calls = ep_mod.ep_lambda, []
+
+    def first_sequence_blows_up(model, x, targets, z_star, solver, cfg):
+        calls.append((x.shape[0], cfg.hr))
+        lam, st = real(model, x, targets, z_star, solver, cfg)
+        if len(calls) == 1:
+            st.diverged = True
+            st.unstable = torch.tensor([True, False, False, False, False, False])  # row 0 of +β
+        return lam, st
+
+    monkeypatch.setattr(ep_mod, "ep_lambda", first_sequence_blows_up)
+    grads, stats = ept.gradient(model, idx, tgt, route="ep", hr=0.02, **EP_TIGHT)
+    assert calls == [(3, 0.02), (2, 0.005)]
+    assert stats["dropped_seqs"] == 1.0 and stats["nudged_retry"] == 1.0 and not stats["diverged"]
+    oracle, _ = ept.gradient(model, idx[1:], tgt[1:], route="implicit", **TIGHT)
+    assert compare(grads, oracle)[0] >= 0.9999

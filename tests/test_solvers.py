@@ -99,6 +99,18 @@ def test_nonfinite_field_is_divergence():
     assert st.diverged and torch.isfinite(z).all()
 
 
+def test_divergence_names_the_rows_that_blew_up():
+    """Rows are independent systems: the stats say which one grew, so a caller can drop just it."""
+    rate = torch.tensor([-1.0, 0.6, -1.0], dtype=torch.float64).view(3, 1)
+
+    def f(z):
+        return rate * (z - 1.0)
+
+    z0 = torch.full((3, 4), 0.5, dtype=torch.float64)
+    _, st = ept.solve(f, z0, method="fixed_point", tol=1e-12, max_iter=500)
+    assert st.diverged and st.unstable.tolist() == [False, True, False]
+
+
 def test_monitor_stops_early():
     f, exact = linear_problem()
     calls = []

@@ -242,3 +242,26 @@ def test_a_rollback_names_the_phase_that_blew_up() -> None:
                       TrainState(), t) == "the free phase blew up"
     assert divergence({"loss": math.nan, "diverged": False}, TrainState(), t) == "non-finite loss or gradient"
     assert divergence({"loss": 5.0, "diverged": False, "free_residual": 1e-6}, TrainState(), t) is None
+
+
+def test_a_rollback_replays_on_fresh_batches(tokens, tmp_path, monkeypatch) -> None:
+    """A failure on the batch right after the snapshot must not be replayed on that same batch."""
+    import ept.train as tr
+
+    cfg = small_cfg(tokens, mode="bp", ckpt_every=2, steps=4, log_every=2)
+    seen, real = [], tr.get_batch
+    monkeypatch.setattr(tr, "get_batch", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    calls = {"n": 0}
+
+    def fails_on_third(model, optimizer, grads, lr, clip):
+        calls["n"] += 1
+        norm = tr.apply_update(model, optimizer, grads, lr, clip)
+        if calls["n"] == 3:  # the first step after the step-2 snapshot
+            with torch.no_grad():
+                model.head.weight.fill_(math.nan)
+        return norm
+
+    summary = train(cfg, tokens, tmp_path, log=quiet, update=fails_on_third)
+    assert summary["finished"] and summary["rollbacks"] == 1
+    failed, replay = seen[2][0], seen[3][0]
+    assert not torch.equal(failed, replay)

@@ -162,6 +162,10 @@ class EPConfig:
     # Jᵀ - βH can lose stability where Jᵀ alone still has it; a smaller β keeps it, at the price of
     # more sensitivity to the free phase's residual. Rolling back cannot help: same weights, same blow-up.
     retry_hr: float = 0.25
+    # EP's estimate is the linear response of an equilibrium: a sequence whose free phase ended
+    # above this residual is not at one, so it is left out of the step's gradient (inf: never).
+    # Its nudged rows would otherwise start from a non-equilibrium, blow up and sink the batch.
+    drop_res: float = 0.1
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -174,6 +178,8 @@ class EPConfig:
             raise ValueError(f"nudge strength hr must be > 0, got {self.hr}")
         if self.T2 is not None and self.T2 <= 0:
             raise ValueError(f"T2 must be a positive number of nudged steps, got {self.T2}")
+        if not self.drop_res > 0:
+            raise ValueError(f"drop_res must be > 0 (inf: keep every sequence), got {self.drop_res}")
         if not 0 <= self.retry_hr < 1:
             raise ValueError(f"retry_hr must be in [0, 1) (0: no retry), got {self.retry_hr}")
         if self.nudge_solver not in SOLVER_METHODS:

@@ -36,6 +36,7 @@ class SolveStats:
     diverged: bool = False
     stopped_by_monitor: bool = False
     method: str = ""
+    unstable: Tensor | None = None  # on divergence: the rows (sequences) that blew up
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -274,9 +275,10 @@ def relax(
         # Floored at a small fraction of ||z||, so jitter at the precision floor is not growth.
         floor = 1e-6 * torch.linalg.vector_norm(z.flatten(1), dim=1).real.to(torch.float64)
         lowest = size if lowest is None else torch.minimum(lowest, size)
-        blown_up = bool((size > cfg.div_factor * torch.maximum(lowest, floor)).any())
-        if not bool(torch.isfinite(res).all() and torch.isfinite(size).all()) or blown_up:
-            stats.diverged = True
+        grown = size > cfg.div_factor * torch.maximum(lowest, floor)
+        unstable = grown | ~torch.isfinite(res) | ~torch.isfinite(size)
+        if bool(unstable.any()):
+            stats.diverged, stats.unstable = True, unstable
             break
         worst = stats.history[-1][1]
         good = (z, fz, res)

@@ -292,12 +292,18 @@ def _window_record(window: list[dict[str, Any]], step: int, lr: float, it_s: flo
 
 def rollback(s: Session, snapshot: dict[str, Any], reason: str, metrics: MetricsLog,
              log: Callable[[str], None]) -> None:
-    """Back to the last good state with a lower learning rate; give up after max_rollbacks."""
+    """Back to the last good state with a lower learning rate; give up after max_rollbacks.
+
+    The replay draws fresh batches (the batch stream is not rewound): a step that failed on the
+    very batch after the snapshot would otherwise fail identically however low the learning rate.
+    """
     t, failed = s.cfg.train, s.state
     if failed.rollbacks >= t.max_rollbacks:
         raise TrainingDiverged(f"training diverged at step {failed.step} ({reason}) after {failed.rollbacks} "
                                f"rollbacks: lower --lr or turn on a stability control (--resreg, --jacreg)")
+    stream = s.batches.get_state()
     load_session_state(s, snapshot)
+    s.batches.set_state(stream)
     s.state.rollbacks = failed.rollbacks + 1
     s.state.lr_scale = failed.lr_scale * t.lr_backoff
     metrics.write({"event": "rollback", "step": failed.step, "to_step": s.state.step, "reason": reason,

@@ -67,6 +67,7 @@ HELP = {
     "nudge_m": "nudged-phase Anderson memory",
     "nudge_lam": "nudged-phase Anderson regularisation",
     "retry_hr": "relax a blown-up nudged phase again at hr x this (0: never)",
+    "drop_res": "leave sequences whose free residual ends above this out of the EP gradient",
     "jr_target": "jacreg: free-phase residual above which the weight rises",
     "jr_up": "jacreg: weight factor per step above the target",
     "jr_decay": "jacreg: weight factor per step on target",
@@ -171,6 +172,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("nudge_m", int),
         ("nudge_lam", float),
         ("retry_hr", float),
+        ("drop_res", float),
     ):
         phase.add_argument(f"--{name}", type=typ, default=argparse.SUPPRESS, help=HELP.get(name))
     phase.add_argument("--track", action="store_true", default=argparse.SUPPRESS, help=HELP["track"])

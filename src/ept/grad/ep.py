@@ -118,24 +118,52 @@ def nudged_field(
 def ep_gradient(
     model: EquilibriumLM, idx: Tensor, targets: Tensor, solver: SolverConfig, cfg: EPConfig
 ) -> tuple[Grads, dict[str, Any]]:
+    """EP's gradient of the mean loss over the sequences that reached an equilibrium.
+
+    Sequences whose free residual is above ``cfg.drop_res`` are left out. A nudged phase that blows
+    up is relaxed once more (``cfg.retry_hr`` > 0) without the sequences whose rows blew up, at
+    hr·retry_hr. With no sequence left, or with a free phase that blew up, the direct term is
+    returned, flagged ``diverged``, at no further cost.
+    """
     x = model.inject(idx).detach()
     z_star, free_stats = free_phase(model, x, solver)
-    if free_stats.diverged:
-        # No equilibrium to nudge from: return the direct term only, flagged, at no further cost.
-        lam, nudge_stats = torch.zeros_like(z_star), SolveStats(method="skipped", diverged=True)
-    else:
-        lam, nudge_stats = ep_lambda(model, x, targets, z_star, solver, cfg)
-    retried = bool(nudge_stats.diverged and not free_stats.diverged and cfg.retry_hr > 0)
-    if retried:
-        lam, nudge_stats = ep_lambda(model, x, targets, z_star, solver,
-                                     dataclasses.replace(cfg, hr=cfg.hr * cfg.retry_hr))
-    grads = local_update(model, idx, targets, z_star, lam)
+    B = idx.shape[0]
+    keep = torch.zeros(B, dtype=torch.bool)
+    if not free_stats.diverged:
+        keep = (free_stats.residual_per_seq <= cfg.drop_res).cpu()
+    lam = torch.zeros_like(z_star)
+    nudge_stats, retried = SolveStats(method="skipped", diverged=True), False
+    if bool(keep.any()):
+        lam_k, nudge_stats = _lambda_of(model, x, targets, z_star, keep, solver, cfg)
+        if nudge_stats.diverged and cfg.retry_hr > 0:
+            retried = True
+            if nudge_stats.unstable is not None:
+                blown = nudge_stats.unstable.cpu().view(-1, int(keep.sum())).any(0)
+                keep[keep.clone()] = ~blown
+            if bool(keep.any()):
+                lam_k, nudge_stats = _lambda_of(model, x, targets, z_star, keep, solver,
+                                                dataclasses.replace(cfg, hr=cfg.hr * cfg.retry_hr))
+        if not nudge_stats.diverged:
+            lam[keep.to(lam.device)] = lam_k
+    if not bool(keep.any()) or nudge_stats.diverged:
+        keep = torch.ones(B, dtype=torch.bool)  # the flagged step reports its direct term on the whole batch
+    k = keep.to(idx.device)
+    grads = local_update(model, idx[k], targets[k], z_star[k], lam[k])
     with torch.no_grad():
         loss = model.loss(z_star, targets).item()
     stats = {"loss": loss, **solve_summary("free", free_stats), **solve_summary("nudged", nudge_stats)}
     stats.update(T2=nudge_stats.fevals, nudged_states=len(contour(cfg)[0]), nudged_retry=float(retried),
-                 z_star=z_star, lam=lam)
+                 dropped_seqs=float(B - int(keep.sum())), z_star=z_star, lam=lam)
     return grads, stats
+
+
+def _lambda_of(model: EquilibriumLM, x: Tensor, targets: Tensor, z_star: Tensor, keep: Tensor,
+               solver: SolverConfig, cfg: EPConfig) -> tuple[Tensor, SolveStats]:
+    """λ for the mean loss over the kept sequences (the whole batch without a copy when all are kept)."""
+    if bool(keep.all()):
+        return ep_lambda(model, x, targets, z_star, solver, cfg)
+    k = keep.to(x.device)
+    return ep_lambda(model, x[k], targets[k], z_star[k], solver, cfg)
 
 
 def ep_lambda(
