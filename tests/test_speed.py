@@ -47,6 +47,21 @@ def test_feval_counter_counts_every_call_and_stops_at_the_true_residual():
     assert counted.hit == ref.fevals and counted.residuals[-1] <= 1e-6 < counted.residuals[-2]
 
 
+def test_equilibrium_gap_tells_two_fixed_points_apart():
+    """F(z) = -(z - 1)(z + 1)·sign(z) per entry: roots ±1, both attracting for z <- z + eps F, so
+    plain iteration from 0.5 and from -0.5 lands on different ones (gap 2), from 0.5 and 0.9 on one."""
+    def f(z):
+        return -(z - 1) * (z + 1) * torch.sign(z)
+
+    ends = [fe.ept_fevals(f, torch.full((2, 3), v, dtype=torch.float64), "fixed_point", 1e-8, 500).z
+            for v in (0.5, -0.5, 0.9)]
+    assert fe.equilibrium_gap(ends[1], ends[0]) == pytest.approx(2.0, abs=1e-6)
+    assert fe.equilibrium_gap(ends[2], ends[0]) < 1e-7
+    assert fe.equilibrium_gap(None, ends[0]) is None
+    row = fe.compare_solvers(f, torch.full((2, 3), 0.5, dtype=torch.float64), 1e-8, 500, peer=False)
+    assert row["eq_gap"] < 1e-6
+
+
 @pytest.mark.skipif(not fe.have_torchdeq(), reason="torchdeq (optional benchmark dependency) not installed")
 @pytest.mark.parametrize("method", fe.PEER_METHODS)
 def test_torchdeq_peer_is_counted_on_the_same_field(method):

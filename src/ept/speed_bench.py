@@ -206,7 +206,8 @@ def format_table(s: dict[str, Any]) -> str:
     rows.append(f"EP step: free {s['ep_free_s']:.3f}s, nudged {s['ep_nudged_s']:.3f}s (T2={s['T2']}), "
                 f"update {s['ep_update_s']:.3f}s")
     peers = [k for k in next(iter(s["fevals"].values()))]
-    rows.append(f"F-evals to true residual {s['tol']:g}, worst sequence (n/a: not within {s['max_evals']})")
+    rows.append(f"F-evals to true residual {s['tol']:g}, worst sequence (n/a: not within {s['max_evals']}); "
+                "eq_gap: worst ||z_anderson - z_plain||/||z_plain|| (O(1): another equilibrium)")
     rows.append(f"{'field':<14}" + "".join(f"{k:>20}" for k in peers))
     for name, row in s["fevals"].items():
         rows.append(f"{name:<14}" + "".join(f"{_fmt(row[k]):>20}" for k in peers))

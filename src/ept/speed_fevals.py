@@ -45,6 +45,7 @@ class FevalCounter:
         self.calls = 0
         self.residuals: list[float] = []
         self.hit: int | None = None  # the call count at which ``tol`` was first met
+        self.z: Tensor | None = None  # ... and the point it was met at
 
     def __call__(self, z: Tensor) -> Tensor:
         fz = self.field_fn(z)
@@ -52,7 +53,7 @@ class FevalCounter:
         worst = residual_per_seq(fz, z).max().item()
         self.residuals.append(worst)
         if self.hit is None and worst <= self.tol:
-            self.hit = self.calls
+            self.hit, self.z = self.calls, z.detach().clone()
             raise Reached
         if self.max_calls is not None and self.calls >= self.max_calls:
             raise Reached
@@ -96,16 +97,31 @@ def evals_to(counter: FevalCounter) -> int | None:
     return counter.hit
 
 
+def equilibrium_gap(a: Tensor | None, b: Tensor | None) -> float | None:
+    """Worst sequence's ||a - b|| / ||b||: two solves that met the residual at different equilibria
+    (a trained block can have several) differ by O(1), two at the same one by O(tol)."""
+    if a is None or b is None:
+        return None
+    num = torch.linalg.vector_norm((a - b).flatten(1), dim=1)
+    return (num / torch.linalg.vector_norm(b.flatten(1), dim=1).clamp_min(1e-30)).max().item()
+
+
 def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int,
-                    peer: bool = True) -> dict[str, int | None]:
-    """F-evaluations to ``tol`` for each ept method and (when installed) TorchDEQ's; None: not reached."""
-    out: dict[str, int | None] = {}
+                    peer: bool = True) -> dict[str, int | float | None]:
+    """F-evaluations to ``tol`` for each ept method and (when installed) TorchDEQ's; None: not reached.
+
+    ``eq_gap`` is :func:`equilibrium_gap` between ept's Anderson and plain-iteration solutions.
+    """
+    out: dict[str, int | float | None] = {}
+    ends = {}
     with torch.no_grad():
         for m in EPT_METHODS:
-            out[f"ept_{m}"] = evals_to(ept_fevals(field_fn, z0, m, tol, max_evals))
+            counter = ept_fevals(field_fn, z0, m, tol, max_evals)
+            out[f"ept_{m}"], ends[m] = evals_to(counter), counter.z
         if peer and have_torchdeq():
             for m in PEER_METHODS:
                 out[f"torchdeq_{m}"] = evals_to(torchdeq_fevals(field_fn, z0, m, tol, max_evals))
+    out["eq_gap"] = equilibrium_gap(ends["anderson"], ends["fixed_point"])
     return out
 
 
