@@ -113,7 +113,8 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] = print, compile_fiel
     model_cfg = dataclasses.replace(setup["model"], vocab_size=data.vocab_size)
     model, weights_file = fe.trained_model(model_cfg, data.train, data.key, setup["B"], cfg.train_steps,
                                            setup["ep"], log=log, ckpt=ckpt, weights=weights)
-    idx, tgt = fixed_batch(data.train, setup["B"], model_cfg.T)
+    batches = [fixed_batch(data.train, setup["B"], model_cfg.T, seed=1234 + i)
+               for i in range(cfg.solver_batches)]
     opts = {**setup, "T1": cfg.T1}
     s: dict[str, Any] = {"preset": cfg.preset, "B": setup["B"], "C": model_cfg.C, "H": model_cfg.H,
                          "T": model_cfg.T, "vocab": model_cfg.vocab_size, "bptt_T1": cfg.T1,
@@ -122,16 +123,16 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] = print, compile_fiel
                          "trained_steps": cfg.train_steps if ckpt is None else f"ckpt {ckpt} ({weights})",
                          "tol": cfg.tol, "max_evals": cfg.max_evals, "ep_set": cfg.ep_set}
     log("timing EP, BPTT and BP round-robin")
-    times = time_routes(model, idx, tgt, opts, cfg.repeats, cfg.lr)
+    times = time_routes(model, batches, opts, cfg.repeats, cfg.lr)
     for r in ROUTES:
         s[f"{r}_step_s"] = statistics.median(times[r])
     s["ep_over_bptt_time"] = s["ep_step_s"] / s["bptt_step_s"]
     s["ep_over_bp_time"] = s["ep_step_s"] / s["bp_step_s"]
     log("EP anatomy: free phase vs nudged phases")
-    anatomy = ep_anatomy(model, idx, tgt, setup["ep"], cfg.repeats)
+    anatomy = ep_anatomy(model, batches, setup["ep"], cfg.repeats)
     s.update({f"ep_{k}_s" if k in ("free", "nudged", "update") else k: v for k, v in anatomy.items()})
     log("cos(EP, implicit)")
-    s.update(cos_ep_implicit(model, idx, tgt, setup["ep"]))
+    s.update(cos_ep_implicit(model, batches, setup["ep"]))
     if cfg.memory:
         log("peak memory, one subprocess per route")
         for r in ROUTES:
@@ -140,9 +141,7 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] = print, compile_fiel
         s["ep_over_bptt_mem"] = _ratio(s["ep_peak_mb"], s["bptt_peak_mb"])
         s["ep_over_bp_mem"] = _ratio(s["ep_peak_mb"], s["bp_peak_mb"])
     log("F-evaluations to the target residual")
-    batches = [fixed_batch(data.train, setup["B"], model_cfg.T, seed=1234 + i)[0]
-               for i in range(cfg.solver_batches)]
-    table = solver_table(model, batches, cfg)
+    table = solver_table(model, [idx for idx, _ in batches], cfg)
     s["fevals"] = table
     s["anderson_over_plain_fevals"] = trained_ratio(table, cfg.max_evals)
     s["plain_reached"] = all(r["ept_fixed_point"] is not None
@@ -162,7 +161,7 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] = print, compile_fiel
     s["analog_over_ideal_time"] = analog["analog_over_ideal_time"]
     if compile_field:
         log("torch.compile of the field")
-        s.update(compile_gain(model, idx))
+        s.update(compile_gain(model, batches[0][0]))
     s["targets"] = {k: {"bound": b, "op": op, "met": _met(s.get(k), b, op)} for k, b, op in TARGETS}
     return s
 

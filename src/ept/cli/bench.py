@@ -109,7 +109,7 @@ def _speed_args(p: argparse.ArgumentParser, top: bool = False) -> None:
                    help="print the results as one last JSON line")
     if top:
         return
-    p.add_argument("--repeats", type=int, default=3, help="timed steps per route (median)")
+    p.add_argument("--repeats", type=int, default=4, help="timed steps per route, one per batch (median)")
     p.add_argument("--T1", type=int, default=150, help="BPTT's fixed unroll")
     p.add_argument("--train_steps", type=int, default=300, help="EP steps that make the trained operator")
     p.add_argument("--ckpt", default=None, help="use this checkpoint's weights as the trained operator")
