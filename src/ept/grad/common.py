@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ept import analytic
 from ept.config import SolverConfig
 from ept.model import EquilibriumLM
 from ept.solvers import SolveStats, relax
@@ -25,13 +26,27 @@ def free_phase(
 def loss_grad_z(model: EquilibriumLM, z: Tensor, targets: Tensor, scale: float = 1.0) -> Tensor:
     """∂(scale·L)/∂z as the holomorphic derivative, so complex states get the analytic nudge.
 
-    PyTorch returns conj(dL/dz) for a holomorphic L, hence the conjugation.
+    Without ``ln_f`` the readout is linear and the gradient has a closed form (see
+    :func:`readout_ce_grad`), about 3x cheaper than a reverse pass on CPU; the nudged phase takes it
+    at every step. With ``ln_f``, autograd: PyTorch returns conj(dL/dz) for a holomorphic L, hence
+    the conjugation.
     """
+    if model.ln_f is None:
+        return readout_ce_grad(model, z, targets) * (scale / targets.numel())
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         loss = model.loss(z, targets) * scale
         (g,) = torch.autograd.grad(loss, z, grad_outputs=torch.ones_like(loss))
     return g.conj() if g.is_complex() else g
+
+
+def readout_ce_grad(model: EquilibriumLM, z: Tensor, targets: Tensor) -> Tensor:
+    """Σ_tokens ∂CE/∂z for logits = W z: (softmax(W z) − e_y) W, holomorphic as written."""
+    W = model.head.weight.detach().to(z.dtype)
+    logits = z.detach() @ W.t()
+    p = analytic.softmax(logits) if z.is_complex() else torch.softmax(logits, dim=-1)
+    p = p.scatter_add(-1, targets.unsqueeze(-1), -torch.ones_like(p[..., :1]))
+    return p @ W
 
 
 def local_update(model: EquilibriumLM, idx: Tensor, targets: Tensor, z_star: Tensor, lam: Tensor) -> Grads:
