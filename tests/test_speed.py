@@ -170,3 +170,13 @@ def test_quality_run_folders_are_complete_runs(tmp_path):
     loaded = load_run(tmp_path / "q" / "bp")
     assert loaded.cfg.train.mode == "bp" and loaded.step == 2
     assert loaded.tokens.vocab_size == loaded.cfg.model.vocab_size and loaded.cfg.data.key
+
+
+def test_peer_comparison_takes_each_librarys_best_solver_plain_iteration_included():
+    from ept.speed_bench import _best, _vs_peer
+
+    row = {"ept_fixed_point": 58, "ept_anderson": 118, "ept_broyden": None, "torchdeq_fixed_point_iter": 58,
+           "torchdeq_anderson": None, "torchdeq_broyden": 106, "eq_gap": 0.1}
+    assert _best(row, "ept_") == 58 and _best(row, "torchdeq_") == 58
+    assert _vs_peer(_best(row, "ept_"), _best(row, "torchdeq_")) == 1.0
+    assert _vs_peer(None, 5) == float("inf") and _vs_peer(None, None) is None

@@ -29,7 +29,9 @@ from ept.solvers import residual_per_seq
 
 Field = Callable[[Tensor], Tensor]
 EPT_METHODS = ("fixed_point", "anderson", "broyden")
-PEER_METHODS = ("anderson", "broyden")
+# Plain iteration on both sides: on a trained operator it is sometimes the fastest (an accelerated
+# solver can land on another equilibrium, or stall near a fold), and a user would pick it there.
+PEER_METHODS = ("fixed_point_iter", "anderson", "broyden")
 CKPT_WEIGHTS = ("ema", "model")
 
 
