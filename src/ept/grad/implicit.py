@@ -50,10 +50,13 @@ def adjoint_solve(
 
 
 def implicit_gradient(
-    model: EquilibriumLM, idx: Tensor, targets: Tensor, solver: SolverConfig, cfg: ImplicitConfig
+    model: EquilibriumLM, idx: Tensor, targets: Tensor, solver: SolverConfig, cfg: ImplicitConfig,
+    z0: Tensor | None = None,
 ) -> tuple[Grads, dict[str, Any]]:
+    """``z0`` starts the free phase there instead of at 0: to refine another route's z* and take
+    the exact gradient at *that* equilibrium (a trained block can have several)."""
     x = model.inject(idx).detach()
-    z_star, st = free_phase(model, x, solver)
+    z_star, st = free_phase(model, x, solver, z0=z0)
     g = loss_grad_z(model, z_star, targets)
     if st.diverged:  # no fixed point, so no adjoint: the direct term only, flagged
         lam, adj = torch.zeros_like(g), {"adj_iters": 0, "adj_converged": False}
