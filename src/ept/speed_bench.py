@@ -154,7 +154,8 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] = print, compile_fiel
         s["ept_over_torchdeq_fevals"] = max((w for w in best if w is not None), default=None)
         s["ept_anderson_over_torchdeq_fevals"] = max((w for w in anderson if w is not None), default=None)
     else:
-        s["peer_note"] = "torchdeq not installed: pip install --no-deps torchdeq==0.1.0 for the peer column"
+        s["peer_note"] = ("TorchDEQ column skipped (--no_peer)" if not cfg.peer else
+                          "torchdeq not installed: pip install --no-deps torchdeq==0.1.0 for the peer column")
     log("analog (rram_es) EP step vs the ideal one, same shapes and iteration counts")
     analog = step_time_ratio(
         "rram_es", C=model_cfg.C, T=model_cfg.T, B=setup["B"], vocab=model_cfg.vocab_size, reps=cfg.repeats
