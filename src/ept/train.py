@@ -363,8 +363,9 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
     if analog is not None:
         if not analog.io.ideal:
             # The read and output noise set a floor on the residual (≈0.5 with aihwkit's periphery),
-            # so only non-finite values roll an analog run back.
+            # so only non-finite values roll an analog run back, and no sequence is dropped from EP.
             cfg.train = dataclasses.replace(cfg.train, div_res=math.inf)
+            cfg.ep = dataclasses.replace(cfg.ep, drop_res=math.inf)
     s, t = build_session(cfg), cfg.train
     forward, ledger = contextlib.nullcontext, None
     if analog is not None:
