@@ -203,7 +203,7 @@ def divergence(stats: dict[str, Any], state: TrainState, t: TrainConfig) -> str 
         phases = [k.removesuffix("_diverged") for k, v in stats.items()
                   if k.endswith("_diverged") and k != "diverged" and v]
         if phases:
-            return f"the {' and '.join(phases)} phase blew up"
+            return f"the {' and '.join(phases)} phase{'s' if len(phases) > 1 else ''} blew up"
         return "non-finite loss or gradient"
     res = stats.get("free_residual")
     state.bad_steps = state.bad_steps + 1 if res is not None and not res <= t.div_res else 0
