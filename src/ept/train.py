@@ -202,6 +202,8 @@ def divergence(stats: dict[str, Any], state: TrainState, t: TrainConfig) -> str 
     if stats.get("diverged") or not math.isfinite(stats.get("loss", math.nan)):
         phases = [k.removesuffix("_diverged") for k, v in stats.items()
                   if k.endswith("_diverged") and k != "diverged" and v]
+        if "free" in phases:  # the later phases were skipped (and report themselves diverged)
+            return "the free phase blew up"
         if phases:
             return f"the {' and '.join(phases)} phase{'s' if len(phases) > 1 else ''} blew up"
         return "non-finite loss or gradient"
