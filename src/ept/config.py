@@ -164,8 +164,10 @@ class EPConfig:
     retry_hr: float = 0.25
     # EP's estimate is the linear response of an equilibrium: a sequence whose free phase ended
     # above this residual is not at one, so it is left out of the step's gradient (inf: never).
-    # Its nudged rows would otherwise start from a non-equilibrium, blow up and sink the batch.
-    drop_res: float = 0.1
+    # Its nudged rows would otherwise start from a non-equilibrium, blow up and sink the batch, and
+    # its error enters the estimate amplified by 1/β. (0.1 let a tiny run at hr=0.01 roll back
+    # four times; 0.01 trained it cleanly: issue 6 note.)
+    drop_res: float = 0.01
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
