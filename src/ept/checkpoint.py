@@ -49,6 +49,12 @@ class Checkpoint:
     weights: dict[str, dict[str, Tensor]]  # file stem ("model", "ema") -> state dict
     state: dict[str, Any]
 
+    def eval_weights(self, raw: bool = False) -> tuple[str, dict[str, Tensor]]:
+        """(stem, state dict) of the weights a run is evaluated with: the parameter EMA when the run
+        kept one and ``raw`` is not asked for, else the raw last iterate ("model")."""
+        which = "model" if raw or "ema" not in self.weights else "ema"
+        return which, self.weights[which]
+
 
 # ----------------------------------------------------------------------- nested state <-> files
 

@@ -192,7 +192,7 @@ def trained_model(cfg: ept.EPTConfig, tokens: Any, data_key: str, B: int, steps:
         from ept.checkpoint import load_checkpoint, load_weights_into
 
         loaded = load_checkpoint(ckpt, only=("ema", "model"))
-        load_weights_into(model, loaded.weights.get(weights) or loaded.weights["model"], str(loaded.path))
+        load_weights_into(model, loaded.eval_weights(raw=weights == "model")[1], str(loaded.path))
     elif path.is_file():
         model.load_state_dict(load_file(str(path)))
         return model, path

@@ -48,10 +48,10 @@ def load_run(path: str | Path, raw: bool = False) -> LoadedRun:
     if tok.get_vocab_size() != cfg.model.vocab_size:
         raise UsageError(f"'{run / TOKENIZER_FILE}' has {tok.get_vocab_size()} tokens but the model "
                          f"{cfg.model.vocab_size}: the folder mixes two runs; restore its tokenizer.json")
-    which = "model" if raw or "ema" not in ck.weights else "ema"
+    which, weights = ck.eval_weights(raw)
     model = EquilibriumLM(cfg.model)
     try:
-        ckpt.load_weights_into(model, ck.weights[which], str(ck.path))
+        ckpt.load_weights_into(model, weights, str(ck.path))
     except ckpt.CheckpointError as e:
         raise UsageError(str(e)) from None
     model.eval()

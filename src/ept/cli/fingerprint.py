@@ -36,7 +36,7 @@ def load_run(path: str) -> tuple[Any, EquilibriumLM]:
             raise UsageError(f"'{path}' has no config.json: give a run folder written by 'ept train --out'")
         cfg = RunConfig.from_dict(json.loads(config.read_text()))
         loaded = ck.load_checkpoint(ckpt_dir, only=("ema", "model"))
-        weights = loaded.weights.get("ema") or loaded.weights["model"]
+        _, weights = loaded.eval_weights()
         model = EquilibriumLM(cfg.model)
         ck.load_weights_into(model, weights, str(ckpt_dir))
     except (ck.CheckpointError, ValueError, KeyError) as err:
