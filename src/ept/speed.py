@@ -192,12 +192,12 @@ def cos_ep_implicit(model: EquilibriumLM, batches: list[Batch], ep_opts: dict[st
     land on another equilibrium of a trained block, or blow up, and compare gradients of different
     points. A batch whose refinement or adjoint fails has no valid cosine (None), and is counted.
     """
-    from ept.config import ImplicitConfig, SolverConfig
+    from ept.config import ImplicitConfig
+    from ept.grad import split_options
     from ept.grad.implicit import implicit_gradient
 
-    method = ep_opts.get("solver", "anderson")
-    tight = SolverConfig(method=method, eps=ep_opts.get("eps", 0.5), res_est=1e-5, t1max=500,
-                         accel_from=math.inf)
+    solver, _ = split_options("ep", ep_opts)
+    tight = dataclasses.replace(solver, T1=0, res_est=1e-5, t1max=500, accel_from=math.inf)
     adjoint = ImplicitConfig(adjoint="anderson", adj_tol=1e-6, adj_max_iter=500)
     cos: list[float | None] = []
     gaps, res = [], []

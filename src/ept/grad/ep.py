@@ -138,8 +138,8 @@ def ep_gradient(
         if nudge_stats.diverged and cfg.retry_hr > 0:
             retried = True
             if nudge_stats.unstable is not None:
-                blown = nudge_stats.unstable.cpu().view(-1, int(keep.sum())).any(0)
-                keep[keep.clone()] = ~blown
+                kept = keep.nonzero().flatten()  # the stacked rows are (nudge, kept sequence)
+                keep[kept[nudge_stats.unstable.cpu().view(-1, len(kept)).any(0)]] = False
             if bool(keep.any()):
                 lam_k, nudge_stats = _lambda_of(model, x, targets, z_star, keep, solver,
                                                 dataclasses.replace(cfg, hr=cfg.hr * cfg.retry_hr))
@@ -159,9 +159,7 @@ def ep_gradient(
 
 def _lambda_of(model: EquilibriumLM, x: Tensor, targets: Tensor, z_star: Tensor, keep: Tensor,
                solver: SolverConfig, cfg: EPConfig) -> tuple[Tensor, SolveStats]:
-    """λ for the mean loss over the kept sequences (the whole batch without a copy when all are kept)."""
-    if bool(keep.all()):
-        return ep_lambda(model, x, targets, z_star, solver, cfg)
+    """λ for the mean loss over the kept sequences."""
     k = keep.to(x.device)
     return ep_lambda(model, x[k], targets[k], z_star[k], solver, cfg)
 
