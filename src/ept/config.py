@@ -168,6 +168,10 @@ class EPConfig:
     # its error enters the estimate amplified by 1/β. (0.1 let a tiny run at hr=0.01 roll back
     # four times; 0.01 trained it cleanly: issue 6 note.)
     drop_res: float = 0.01
+    # A sequence whose adaptive nudged estimate has not settled (changes by t2_tol or more) at t2sel
+    # is left out too: on a trained tiny block such a sequence's λ was 60% off while the settled ones
+    # matched the exact gradient to cos 0.9999996 (issue 6 note). Kept when no sequence settled.
+    drop_unsettled: bool = True
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:

@@ -4,6 +4,10 @@ The solvers know nothing about transformers: the free phase, the nudged phases a
 iteration all call :func:`solve` with their own field. States may be real or complex (complex
 states are relaxed as their real view), of any shape whose first dimension indexes independent
 systems (sequences): the residual is reported per row, mean and worst.
+
+Rows are independent, so a row that is done (converged, or flagged by a monitor) is frozen where it
+is while the others go on. A field that can be cut to a sub-batch (:class:`RowField`) is then
+evaluated on the rows still moving only: one slow sequence no longer costs a whole batch per step.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -19,7 +23,34 @@ from torch import Tensor
 from ept.config import SolverConfig, unknown_option_error
 
 Field = Callable[[Tensor], Tensor]
-Monitor = Callable[[Tensor, Tensor], bool]
+# A monitor sees (z, F(z)) after every evaluation: True stops the solve, a (rows,) bool tensor
+# freezes the rows it flags (and stops the solve once every row is frozen).
+Monitor = Callable[[Tensor, Tensor], "bool | Tensor"]
+
+
+@runtime_checkable
+class RowField(Protocol):
+    """A field over independent rows that can be restricted to some of them."""
+
+    def __call__(self, z: Tensor) -> Tensor: ...
+
+    def rows(self, idx: Tensor) -> Field:
+        """The same field on the sub-batch ``idx`` (row indices into the full batch)."""
+        ...
+
+
+@dataclass
+class RowwiseField:
+    """``fn(z, *inputs)`` where every input is indexed by row along dim 0: cut by indexing them."""
+
+    fn: Callable[..., Tensor]
+    inputs: tuple[Tensor, ...]
+
+    def __call__(self, z: Tensor) -> Tensor:
+        return self.fn(z, *self.inputs)
+
+    def rows(self, idx: Tensor) -> RowwiseField:
+        return RowwiseField(self.fn, tuple(t[idx] for t in self.inputs))
 
 _TINY = 1e-30
 _PLAIN_PROGRESS = 0.9  # a plain step that cuts the residual by at least 10% is still worth taking
@@ -27,7 +58,8 @@ _PLAIN_PROGRESS = 0.9  # a plain step that cuts the residual by at least 10% is 
 
 @dataclass
 class SolveStats:
-    fevals: int = 0
+    fevals: int = 0  # calls of the field (each on the rows still moving)
+    row_fevals: int = 0  # rows evaluated, summed over calls: the compute, in single-row F-evaluations
     residual: float = float("inf")  # batch mean of ||F(z)|| / ||z||, the undamped residual
     residual_max: float = float("inf")  # worst sequence
     residual_per_seq: Tensor | None = None
@@ -37,10 +69,13 @@ class SolveStats:
     stopped_by_monitor: bool = False
     method: str = ""
     unstable: Tensor | None = None  # on divergence: the rows (sequences) that blew up
+    done: Tensor | None = None  # rows frozen before the end: converged, or flagged by the monitor
+    flagged: Tensor | None = None  # rows the monitor flagged (a subset of done)
 
     def summary(self) -> dict[str, Any]:
         return {
             "fevals": self.fevals,
+            "row_fevals": self.row_fevals,
             "residual": self.residual,
             "residual_max": self.residual_max,
             "converged": self.converged,
@@ -261,17 +296,21 @@ def relax(
         # Dropping old secant pairs destabilises good Broyden, so it keeps all of them (as TorchDEQ
         # does): two state-sized vectors per F-evaluation, the price of this method.
         accel = _Broyden(cfg.t1max)
-    z, good = z0, None
+    rows = z0.shape[0]
+    done = torch.zeros(rows, dtype=torch.bool, device=z0.device)
+    flagged = torch.zeros_like(done)
+    sel: Tensor | None = None  # the rows the field is evaluated on (None: all)
+    sub: Field = field_fn
+    z, good, fz, res = z0, None, None, None
     # Divergence is judged on the absolute ||F(z)|| per sequence: a state that blows up
     # geometrically keeps a bounded *relative* residual, so that one cannot see it.
     lowest = None
     guard = _Guard()
     for k in range(cfg.t1max):
-        fz = field_fn(z)
+        fz, res, size = _evaluate(sub, z, sel, fz, res)
         stats.fevals += 1
-        res = residual_per_seq(fz, z)
+        stats.row_fevals += rows if sel is None else len(sel)
         stats.history.append((res.mean().item(), res.max().item()))
-        size = torch.linalg.vector_norm(fz.flatten(1), dim=1).real.to(torch.float64)
         # Floored at a small fraction of ||z||, so jitter at the precision floor is not growth.
         floor = 1e-6 * torch.linalg.vector_norm(z.flatten(1), dim=1).real.to(torch.float64)
         lowest = size if lowest is None else torch.minimum(lowest, size)
@@ -280,22 +319,32 @@ def relax(
         if bool(unstable.any()):
             stats.diverged, stats.unstable = True, unstable
             break
-        worst = stats.history[-1][1]
         good = (z, fz, res)
-        if k + 1 >= cfg.T1 and worst <= cfg.res_est:
+        if k + 1 >= cfg.T1:
+            done = done | (res <= cfg.res_est).to(done.device)
+        if bool(done.all()):
             stats.converged = True
             break
-        if monitor is not None and monitor(z, fz):
-            stats.stopped_by_monitor = True
-            break
+        if monitor is not None:
+            verdict = monitor(z, fz)
+            if isinstance(verdict, Tensor):
+                flagged = flagged | verdict.to(done.device)
+                done = done | flagged
+                verdict = bool(done.all())
+            if verdict:
+                stats.stopped_by_monitor = True
+                break
         if k + 1 == cfg.t1max:
             break
         if isinstance(accel, _Anderson):
-            z = guard.step(accel, z, fz, res, cfg)
+            step = guard.step(accel, z, fz, res, cfg)
         elif accel is not None:
-            z = accel.step(z, fz, cfg.eps)
+            step = accel.step(z, fz, cfg.eps)
         else:
-            z = z + cfg.eps * fz
+            step = z + cfg.eps * fz
+        z = step if not bool(done.any()) else torch.where(_rows_mask(done, z), z, step)
+        sel, sub = _narrow(field_fn, sub, sel, done)
+    stats.done, stats.flagged = done, flagged
     if good is None:  # the starting point itself was not finite
         stats.residual_per_seq = res
         stats.residual = stats.residual_max = float("nan")
@@ -305,3 +354,39 @@ def relax(
     stats.residual, stats.residual_max = res.mean().item(), res.max().item()
     return z, stats
 
+
+def _evaluate(sub: Field, z: Tensor, sel: Tensor | None, fz: Tensor | None,
+              res: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """F(z), residual and ||F(z)|| per row; frozen rows outside ``sel`` keep their last values."""
+    if sel is None or fz is None or res is None:
+        fz = sub(z)
+        return fz, residual_per_seq(fz, z), _row_norm(fz)
+    zs = z[sel]
+    fs = sub(zs)
+    fz, res = fz.clone(), res.clone()
+    fz[sel] = fs
+    res[sel.to(res.device)] = residual_per_seq(fs, zs)
+    return fz, res, _row_norm(fz)
+
+
+def _row_norm(t: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(t.flatten(1), dim=1).real.to(torch.float64)
+
+
+def _rows_mask(rows: Tensor, like: Tensor) -> Tensor:
+    return rows.to(like.device).view(-1, *([1] * (like.dim() - 1)))
+
+
+def _narrow(field_fn: Field, sub: Field, sel: Tensor | None, done: Tensor) -> tuple[Tensor | None, Field]:
+    """Cut the field to the moving rows once they are at most half of those evaluated now.
+
+    Cutting may cost a re-recording (a nudged field re-linearises on its sub-batch), so it happens
+    at most log2(rows) times; in between, frozen rows inside ``sel`` are evaluated and ignored.
+    """
+    if not isinstance(field_fn, RowField):
+        return sel, sub
+    moving = (~done).nonzero().flatten()
+    current = done.numel() if sel is None else len(sel)
+    if len(moving) == 0 or 2 * len(moving) > current:
+        return sel, sub
+    return moving, field_fn.rows(moving)

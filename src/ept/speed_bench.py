@@ -196,6 +196,10 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _fmt_list(vs: list[Any]) -> str:
+    return "[" + ", ".join("n/a" if v is None else f"{v:.4f}" for v in vs) + "]"
+
+
 def format_table(s: dict[str, Any]) -> str:
     rows = [f"speed @ preset {s['preset']}: B={s['B']} C={s['C']} H={s['H']} T={s['T']} vocab={s['vocab']}, "
             f"{s['device']}, {s['threads']} threads, operator: {s['trained_steps']}"
@@ -222,6 +226,10 @@ def format_table(s: dict[str, Any]) -> str:
         bound = f"{t['op']} {t['bound']:.3g}" if t else "report"
         met = "" if not t else {True: "yes", False: "NO", None: "n/a"}[t["met"]]
         rows.append(f"{key:<28}{_fmt(s.get(key)):>10}{bound:>12}  {met}")
+    if s.get("cos_ep_implicit_per_batch"):
+        rows.append(f"cos per batch {_fmt_list(s['cos_ep_implicit_per_batch'])}; against the exact gradient "
+                    f"over every sequence {_fmt_list(s['cos_full_batch_per_batch'])}; EP left out "
+                    f"{s['dropped_seqs']} of {s['seqs']} sequences")
     rows.append(f"{'analog_over_ideal_time':<28}{_fmt(s.get('analog_over_ideal_time')):>10}{'<= 3':>12}  "
                 f"{'yes' if s.get('analog_over_ideal_time', math.inf) <= 3 else 'NO'}")
     if "compile_speedup" in s:

@@ -8,7 +8,7 @@ from torch import Tensor
 from ept import analytic
 from ept.config import SolverConfig
 from ept.model import EquilibriumLM
-from ept.solvers import SolveStats, relax
+from ept.solvers import RowwiseField, SolveStats, relax
 
 Grads = dict[str, Tensor]
 
@@ -16,11 +16,14 @@ Grads = dict[str, Tensor]
 def free_phase(
     model: EquilibriumLM, x: Tensor, cfg: SolverConfig, z0: Tensor | None = None
 ) -> tuple[Tensor, SolveStats]:
-    """Relax to z* without autograd history: the free phase costs the memory of one field call."""
+    """Relax to z* without autograd history: the free phase costs the memory of one field call.
+
+    Sequences that converge stop there while the slower ones go on, on a sub-batch.
+    """
     x = x.detach()
     start = torch.zeros_like(x) if z0 is None else z0.detach()
     with torch.no_grad():
-        return relax(lambda z: model.field(z, x), start, cfg)
+        return relax(RowwiseField(model.field, (x,)), start, cfg)
 
 
 def loss_grad_z(model: EquilibriumLM, z: Tensor, targets: Tensor, scale: float = 1.0) -> Tensor:

@@ -79,40 +79,39 @@ def linearisation(f: LinearMap, z: Tensor) -> tuple[LinearMap, LinearMap]:
     return (lambda d: j_fn(d)[0]), (lambda d: jt_fn(d)[0])
 
 
-def nudged_field(
-    model: EquilibriumLM,
-    x: Tensor,
-    targets: Tensor,
-    z_star: Tensor,
-    beta: Tensor,
-    asym: str,
-) -> Callable[[Tensor], Tensor]:
-    """G(z) = F(z) - β·∂(Σ CE)/∂z - (J - Jᵀ)(z - z*) over a stack of nudged states."""
-    n_tok = targets.numel()
+class NudgedField:
+    """G(z) = F(z) - β·∂(Σ CE)/∂z - (J - Jᵀ)(z - z*) over a stack of nudged states.
 
-    def f(z: Tensor) -> Tensor:
-        # The unfused attention: SDPA has neither a forward-mode nor a double-backward derivative.
-        return model.field(z, x, fused=False)
+    Rows are independent systems, so :meth:`rows` cuts it to a sub-batch (re-linearising there):
+    the solver then relaxes only the sequences whose estimate has not settled.
+    """
 
-    if asym == "fixed":
-        j_star, jt_star = linearisation(f, z_star)
-
-        def antisym(d: Tensor) -> Tensor:
-            return j_star(d) - jt_star(d)
-
-    def field(z: Tensor) -> Tensor:
-        nudge = beta * loss_grad_z(model, z, targets, scale=n_tok)
-        if asym == "none":
-            return model.field(z, x) - nudge
-        d = z - z_star
+    def __init__(self, model: EquilibriumLM, x: Tensor, targets: Tensor, z_star: Tensor, beta: Tensor,
+                 asym: str):
+        self.model, self.x, self.targets = model, x, targets
+        self.z_star, self.beta, self.asym = z_star, beta, asym
         if asym == "fixed":
-            return model.field(z, x) - nudge - _split_apply(antisym, d)
+            self._j, self._jt = linearisation(self._unfused, z_star)
+
+    def _unfused(self, z: Tensor) -> Tensor:
+        # SDPA has neither a forward-mode nor a double-backward derivative.
+        return self.model.field(z, self.x, fused=False)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        nudge = self.beta * loss_grad_z(self.model, z, self.targets, scale=self.targets.numel())
+        if self.asym == "none":
+            return self.model.field(z, self.x) - nudge
+        d = z - self.z_star
+        if self.asym == "fixed":
+            return self.model.field(z, self.x) - nudge - _split_apply(lambda u: self._j(u) - self._jt(u), d)
         with torch.enable_grad():
-            fz, jt = vjp(f, z)
-        jd = jvp(f, (z,), (d,))[1]
+            fz, jt = vjp(self._unfused, z)
+        jd = jvp(self._unfused, (z,), (d,))[1]
         return fz.detach() - nudge - (jd - _transpose_apply(jt, d)).detach()
 
-    return field
+    def rows(self, idx: Tensor) -> NudgedField:
+        return NudgedField(self.model, self.x[idx], self.targets[idx], self.z_star[idx], self.beta[idx],
+                           self.asym)
 
 
 def ep_gradient(
@@ -120,8 +119,9 @@ def ep_gradient(
 ) -> tuple[Grads, dict[str, Any]]:
     """EP's gradient of the mean loss over the sequences that reached an equilibrium.
 
-    Sequences whose free residual is above ``cfg.drop_res`` are left out. A nudged phase that blows
-    up is relaxed once more (``cfg.retry_hr`` > 0) without the sequences whose rows blew up, at
+    Sequences whose free residual is above ``cfg.drop_res`` are left out, and so are those whose
+    adaptive nudged estimate never settled (``cfg.drop_unsettled``; unless none did). A nudged phase
+    that blows up is relaxed once more (``cfg.retry_hr`` > 0) without the sequences whose rows blew up, at
     hr·retry_hr. With no sequence left, or with a free phase that blew up, the direct term is
     returned, flagged ``diverged``, at no further cost.
     """
@@ -144,6 +144,13 @@ def ep_gradient(
                 lam_k, nudge_stats = _lambda_of(model, x, targets, z_star, keep, solver,
                                                 dataclasses.replace(cfg, hr=cfg.hr * cfg.retry_hr))
         if not nudge_stats.diverged:
+            kept = keep.nonzero().flatten()
+            late = unsettled(nudge_stats, cfg, len(kept))
+            n_late = int(late.sum())
+            if cfg.drop_unsettled and 0 < n_late < len(kept):
+                # λ is for the mean loss: over fewer sequences, each one weighs more.
+                lam_k = lam_k[~late.to(lam_k.device)] * (len(kept) / (len(kept) - n_late))
+                keep[kept[late]] = False
             lam[keep.to(lam.device)] = lam_k
     if not bool(keep.any()) or nudge_stats.diverged:
         keep = torch.ones(B, dtype=torch.bool)  # the flagged step reports its direct term on the whole batch
@@ -153,7 +160,7 @@ def ep_gradient(
         loss = model.loss(z_star, targets).item()
     stats = {"loss": loss, **solve_summary("free", free_stats), **solve_summary("nudged", nudge_stats)}
     stats.update(T2=nudge_stats.fevals, nudged_states=len(contour(cfg)[0]), nudged_retry=float(retried),
-                 dropped_seqs=float(B - int(keep.sum())), z_star=z_star, lam=lam)
+                 dropped_seqs=float(B - int(keep.sum())), kept=keep, z_star=z_star, lam=lam)
     return grads, stats
 
 
@@ -172,6 +179,13 @@ def ep_lambda(
     return estimate(z_beta) / targets.numel(), stats
 
 
+def unsettled(stats: SolveStats, cfg: EPConfig, n_seq: int) -> Tensor:
+    """The sequences whose adaptive nudged estimate had not settled when the phase stopped."""
+    if cfg.T2 is not None or stats.flagged is None:
+        return torch.zeros(n_seq, dtype=torch.bool)
+    return ~stats.flagged.cpu().view(-1, n_seq).all(0)
+
+
 def contour_estimate(z: Tensor, zs: Tensor, w: Tensor, S: int) -> Tensor:
     """-Re Σ_k w_k (z_{β_k} - z*) over S nudged states stacked along the batch (λ for the summed loss)."""
     shape = (S, zs.shape[0] // S, *zs.shape[1:])
@@ -185,7 +199,9 @@ def nudged_phase(
     """Relax every nudge of the estimator from z*, stacked along the batch.
 
     Returns the stacked states, the relaxation's stats, and the estimator mapping stacked states to
-    λ for the summed loss. Adaptive T2 stops when that estimate's relative change < ``t2_tol``.
+    λ for the summed loss. Adaptive T2 freezes a sequence once its estimate's relative change is
+    below ``t2_tol`` (its rows stop there, the others go on, on a sub-batch) and stops when every
+    sequence is frozen or at ``t2sel``; :func:`unsettled` names the sequences that never froze.
     """
     betas, weights = contour(cfg)
     S, B = len(betas), z_star.shape[0]
@@ -206,18 +222,21 @@ def nudged_phase(
     def estimate(z: Tensor) -> Tensor:
         return contour_estimate(z, zs, w, S)
 
-    field = nudged_field(model, xs, ts, zs, beta, cfg.asym)
+    field = NudgedField(model, xs, ts, zs, beta, cfg.asym)
     adaptive = cfg.T2 is None
     prev: dict[str, Tensor] = {}
 
-    def settled(z: Tensor, _: Tensor) -> bool:
-        v = estimate(z)
+    def settled(z: Tensor, _: Tensor) -> Tensor:
+        # Per sequence: one hard sequence must not keep the settled ones relaxing (and drifting:
+        # on a trained block a settled estimate can wander off again, issue 6 note).
+        v = estimate(z).flatten(1)
         last = prev.get("v")
         prev["v"] = v
         if last is None:
-            return False
-        change = torch.linalg.vector_norm(v - last) / torch.linalg.vector_norm(v).clamp_min(1e-30)
-        return bool(change < cfg.t2_tol)
+            return torch.zeros(S * B, dtype=torch.bool, device=z.device)
+        norm = torch.linalg.vector_norm
+        change = norm(v - last, dim=1) / norm(v, dim=1).clamp_min(1e-30)
+        return (change < cfg.t2_tol).repeat(S)
 
     steps = cfg.t2sel if adaptive else cfg.T2
     # z* is a good point to extrapolate from, so Anderson starts at once (no plain-step gate).
