@@ -301,3 +301,36 @@ def test_closed_form_loss_gradient_matches_autograd(dtype):
     (auto,) = torch.autograd.grad(loss, zr, grad_outputs=torch.ones_like(loss))
     auto = auto.conj() if dtype.is_complex else auto
     torch.testing.assert_close(readout_ce_grad(model, z, tgt), auto, rtol=1e-10, atol=1e-12)
+
+
+def test_a_sequence_whose_nudged_estimate_never_settled_is_left_out(problem, monkeypatch):
+    """Adaptive T2 freezes each sequence once its estimate settles; one that never did is dropped and
+    the EP gradient is the exact one over the others (unless no sequence settled: then all stay)."""
+    import ept.grad.ep as ep_mod
+
+    model, idx, tgt, _ = problem
+    from ept.grad import split_options
+
+    real = ep_mod.unsettled
+    solver, cfg = split_options("ep", dict(EP_TIGHT))
+    z_star = ept.gradient(model, idx, tgt, route="ep", **EP_TIGHT)[1]["z_star"]
+    _, st = ep_mod.ep_lambda(model, model.inject(idx).detach(), tgt, z_star, solver, cfg)
+    assert st.flagged.all() and not real(st, cfg, 3).any()  # every sequence settles when tight
+
+    def second_sequence_late(stats, cfg, n_seq):
+        late = real(stats, cfg, n_seq).clone()
+        late[1] = True
+        return late
+
+    monkeypatch.setattr(ep_mod, "unsettled", second_sequence_late)
+    grads, stats = ept.gradient(model, idx, tgt, route="ep", **EP_TIGHT)
+    assert stats["dropped_seqs"] == 1.0 and stats["kept"].tolist() == [True, False, True]
+    rest = torch.tensor([0, 2])
+    oracle, _ = ept.gradient(model, idx[rest], tgt[rest], route="implicit", **TIGHT)
+    cos, rel = compare(grads, oracle)
+    assert cos >= 0.9999 and rel == pytest.approx(1.0, abs=0.01)
+    _, kept = ept.gradient(model, idx, tgt, route="ep", drop_unsettled=False, **EP_TIGHT)
+    assert kept["dropped_seqs"] == 0.0
+    monkeypatch.setattr(ep_mod, "unsettled", real)
+    _, none_settled = ept.gradient(model, idx, tgt, route="ep", **{**EP_TIGHT, "t2sel": 2})
+    assert none_settled["dropped_seqs"] == 0.0 and not none_settled["diverged"]

@@ -148,3 +148,57 @@ def test_anderson_stall_guard_gets_past_a_ghost_fixed_point():
     torch.testing.assert_close(z, torch.full_like(z, 3.0), rtol=0, atol=1e-6)
     assert guarded.fevals <= plain.fevals
     assert not unguarded.converged and unguarded.residual_max > 1e-3
+
+
+def _rates_field(rates):
+    """F(z) = r·(1 - z) per row: plain iteration at eps=0.5 converges at rate 1 - r/2, row by row."""
+    from ept.solvers import RowwiseField
+
+    rate = torch.tensor(rates, dtype=torch.float64).view(-1, 1)
+    calls = []
+
+    def fn(z, r):
+        calls.append(z.shape[0])
+        return r * (1.0 - z)
+
+    return RowwiseField(fn, (rate,)), calls
+
+
+@pytest.mark.parametrize("method", ["fixed_point", "anderson"])
+def test_a_converged_row_is_frozen_and_the_field_cut_to_the_moving_rows(method):
+    """Rows are independent: each stops where its own solve would, and once the moving rows are at
+    most half of those evaluated the field is evaluated on them alone."""
+    rates = [1.0, 0.05, 0.9, 1.0]
+    field, calls = _rates_field(rates)
+    z0 = torch.zeros(4, 3, dtype=torch.float64)
+    z, st = ept.solve(field, z0, method=method, tol=1e-8, max_iter=2000)
+    assert st.converged and st.done.all()
+    alone = []
+    for i, r in enumerate(rates):
+        f1, _ = _rates_field([r])
+        z1, st1 = ept.solve(f1, z0[i:i + 1], method=method, tol=1e-8, max_iter=2000)
+        torch.testing.assert_close(z[i:i + 1], z1, rtol=0, atol=1e-15)  # bit for bit, in effect
+        alone.append(st1.fevals)
+    assert st.fevals == max(alone)
+    assert st.row_fevals == sum(calls) < 4 * st.fevals
+    assert calls[-1] == 1  # the slow row, alone
+    assert max(st.residual_per_seq.tolist()) <= 1e-8
+
+
+def test_a_monitor_can_freeze_single_rows():
+    field, _ = _rates_field([1.0, 1.0, 0.5])
+    seen = []
+
+    def monitor(z, fz):
+        seen.append(z.clone())
+        return torch.tensor([len(seen) >= 2, False, len(seen) >= 3])
+
+    z, st = ept.solve(field, torch.zeros(3, 2, dtype=torch.float64), method="fixed_point", tol=0.0,
+                      max_iter=6, monitor=monitor)
+    assert st.flagged.tolist() == [True, False, True] and not st.stopped_by_monitor
+    torch.testing.assert_close(z[0], seen[1][0])  # frozen where the monitor flagged it
+    torch.testing.assert_close(z[2], seen[2][2])
+    assert st.fevals == 6 and z[1, 0] > seen[2][1, 0]  # the unflagged row went on
+    z, st = ept.solve(field, torch.zeros(3, 2, dtype=torch.float64), method="fixed_point", tol=0.0,
+                      max_iter=50, monitor=lambda z, fz: torch.ones(3, dtype=torch.bool))
+    assert st.stopped_by_monitor and st.fevals == 1
