@@ -28,7 +28,6 @@ from ept.baseline import bp_gradient
 from ept.data import TokenData, get_batch, save_tokenizer
 from ept.evaluate import Predictor, generate, mean_ce, unigram_ce
 from ept.grad import gradient
-from ept.grad.common import free_phase
 from ept.model import EquilibriumLM
 from ept.optim import OPTIMIZERS, ParamEMA, build_optimizer, set_lr, wsd_factor
 from ept.plots import plot_curves, read_metrics
@@ -172,12 +171,11 @@ def step_gradient(s: Session, idx: Tensor, targets: Tensor) -> tuple[dict[str, T
     if cfg.train.mode == "bp":
         return bp_gradient(s.model, idx, targets, cfg.train.layers)
     grads, stats = gradient(s.model, idx, targets, route=cfg.train.mode, **grad_options(cfg))
-    z_star = stats.pop("z_star", None)
+    z_star = stats.pop("z_star")
     stats.pop("lam", None)
+    stats.pop("kept", None)
     if s.controller is not None and not stats["diverged"]:
         x = s.model.inject(idx).detach()
-        if z_star is None:  # BPTT stats carry no fixed point: relax to one for the penalties
-            z_star, _ = free_phase(s.model, x, cfg.solver)
         extra, logs = s.controller.penalty_grads(s.model, x, z_star, stats)
         grads = {k: g + extra[k] if k in extra else g for k, g in grads.items()}
         stats.update(logs)

@@ -38,4 +38,6 @@ def bptt_gradient(
         "free_residual": res.mean().item(),
         "free_residual_max": res.max().item(),
         "free_diverged": not finite,
+        # The unroll's last state: the control penalties are taken there (no second relaxation).
+        "z_star": z.detach(),
     }
