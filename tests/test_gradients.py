@@ -304,8 +304,9 @@ def test_closed_form_loss_gradient_matches_autograd(dtype):
 
 
 def test_a_sequence_whose_nudged_estimate_never_settled_is_left_out(problem, monkeypatch):
-    """Adaptive T2 freezes each sequence once its estimate settles; one that never did is dropped and
-    the EP gradient is the exact one over the others (unless no sequence settled: then all stay)."""
+    """Adaptive T2 freezes each sequence once its estimate settles; with drop_unsettled one that never
+    did is dropped and the EP gradient is the exact one over the others (unless no sequence settled:
+    then all stay). By default it stays."""
     import ept.grad.ep as ep_mod
 
     model, idx, tgt, _ = problem
@@ -323,14 +324,15 @@ def test_a_sequence_whose_nudged_estimate_never_settled_is_left_out(problem, mon
         return late
 
     monkeypatch.setattr(ep_mod, "unsettled", second_sequence_late)
-    grads, stats = ept.gradient(model, idx, tgt, route="ep", **EP_TIGHT)
+    grads, stats = ept.gradient(model, idx, tgt, route="ep", drop_unsettled=True, **EP_TIGHT)
     assert stats["dropped_seqs"] == 1.0 and stats["kept"].tolist() == [True, False, True]
     rest = torch.tensor([0, 2])
     oracle, _ = ept.gradient(model, idx[rest], tgt[rest], route="implicit", **TIGHT)
     cos, rel = compare(grads, oracle)
     assert cos >= 0.9999 and rel == pytest.approx(1.0, abs=0.01)
-    _, kept = ept.gradient(model, idx, tgt, route="ep", drop_unsettled=False, **EP_TIGHT)
+    _, kept = ept.gradient(model, idx, tgt, route="ep", **EP_TIGHT)
     assert kept["dropped_seqs"] == 0.0
     monkeypatch.setattr(ep_mod, "unsettled", real)
-    _, none_settled = ept.gradient(model, idx, tgt, route="ep", **{**EP_TIGHT, "t2sel": 2})
+    capped = {**EP_TIGHT, "t2sel": 2, "drop_unsettled": True}
+    _, none_settled = ept.gradient(model, idx, tgt, route="ep", **capped)
     assert none_settled["dropped_seqs"] == 0.0 and not none_settled["diverged"]

@@ -24,7 +24,7 @@ from ept.train import TrainConfig
 MODEL_FLAGS = ("vocab_size", "C", "H", "T", "c", "qknorm", "attn_mode", "ffn_mult", "ln_f", "init_std")
 SOLVER_FLAGS = ("eps", "T1", "t1max", "res_est", "m", "lam", "accel_from", "restart", "stall")
 EP_FLAGS = ("estimator", "holo", "hr", "track", "asym", "T2", "t2sel", "t2_tol", "nudge_solver", "nudge_m",
-            "nudge_lam", "retry_hr", "drop_res", "keep_unsettled")
+            "nudge_lam", "retry_hr", "drop_res", "drop_unsettled")
 CONTROL_FLAGS = ("resreg", "jacreg", "jr_floor", "jr_max", "jr_target", "jr_up", "jr_decay", "hutch",
                  "eigreg", "eig_margin", "eig_iters")
 TRAIN_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -105,8 +105,8 @@ def ep_config(merged: dict[str, Any]) -> EPConfig:
     elif "estimator" in merged:
         opts["estimator"] = merged["estimator"]
     opts["asym"] = "track" if merged.get("track") else merged.get("asym", "fixed")
-    if merged.get("keep_unsettled"):
-        opts["drop_unsettled"] = False
+    if merged.get("drop_unsettled"):
+        opts["drop_unsettled"] = True
     if merged.get("t2sel"):
         opts.update(T2=None, t2sel=merged["t2sel"])
     elif merged.get("T2"):

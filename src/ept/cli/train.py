@@ -68,8 +68,8 @@ HELP = {
     "nudge_lam": "nudged-phase Anderson regularisation",
     "retry_hr": "relax a blown-up nudged phase again at hr x this (0: never)",
     "drop_res": "leave sequences whose free residual ends above this out of the EP gradient",
-    "keep_unsettled": "keep sequences whose adaptive nudged estimate has not settled at --t2sel in the EP "
-                      "gradient (default: leave them out)",
+    "drop_unsettled": "leave sequences whose adaptive nudged estimate has not settled at --t2sel out of the "
+                      "EP gradient",
     "jr_target": "jacreg: free-phase residual above which the weight rises",
     "jr_up": "jacreg: weight factor per step above the target",
     "jr_decay": "jacreg: weight factor per step on target",
@@ -178,8 +178,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ):
         phase.add_argument(f"--{name}", type=typ, default=argparse.SUPPRESS, help=HELP.get(name))
     phase.add_argument("--track", action="store_true", default=argparse.SUPPRESS, help=HELP["track"])
-    phase.add_argument("--keep_unsettled", action="store_true", default=argparse.SUPPRESS,
-                       help=HELP["keep_unsettled"])
+    phase.add_argument("--drop_unsettled", action="store_true", default=argparse.SUPPRESS,
+                       help=HELP["drop_unsettled"])
     controls = p.add_argument_group("stability controls")
     for name in CONTROL_FLAGS:
         typ = int if name in ("hutch", "eig_iters") else float
