@@ -202,3 +202,25 @@ def test_a_monitor_can_freeze_single_rows():
     z, st = ept.solve(field, torch.zeros(3, 2, dtype=torch.float64), method="fixed_point", tol=0.0,
                       max_iter=50, monitor=lambda z, fz: torch.ones(3, dtype=torch.bool))
     assert st.stopped_by_monitor and st.fevals == 1
+
+
+def test_anderson_masks_forgotten_slots_as_if_they_were_gone():
+    """A restart forgets a sequence's history: its next step equals that of a fresh Anderson fed only
+    the iterates since the restart (the masked slots get exactly zero weight)."""
+    from ept.solvers import _Anderson
+
+    g = torch.Generator().manual_seed(0)
+    zs = [torch.randn(2, 6, generator=g, dtype=torch.float64) for _ in range(7)]
+    fs = [torch.randn(2, 6, generator=g, dtype=torch.float64) * 0.5**i for i in range(7)]
+    kept = _Anderson(5, 1e-3, 1.0)
+    for i in range(4):
+        kept.step(zs[i], fs[i], 0.5)
+    restart = torch.tensor([True, False])
+    fresh = _Anderson(5, 1e-3, 1.0)
+    out_kept = kept.step(zs[4], fs[4], 0.5, restart)
+    out_fresh = fresh.step(zs[4], fs[4], 0.5)
+    torch.testing.assert_close(out_kept[0], out_fresh[0])
+    for i in (5, 6):
+        out_kept, out_fresh = kept.step(zs[i], fs[i], 0.5), fresh.step(zs[i], fs[i], 0.5)
+        torch.testing.assert_close(out_kept[0], out_fresh[0], rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(out_kept[1], out_fresh[1])  # the other row kept its history
