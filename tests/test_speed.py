@@ -180,3 +180,13 @@ def test_peer_comparison_takes_each_librarys_best_solver_plain_iteration_include
     assert _best(row, "ept_") == 58 and _best(row, "torchdeq_") == 58
     assert _vs_peer(_best(row, "ept_"), _best(row, "torchdeq_")) == 1.0
     assert _vs_peer(None, 5) == float("inf") and _vs_peer(None, None) is None
+
+
+def test_an_equilibrium_plain_iteration_leaves_is_told_from_an_attractor():
+    """F(z) = z - z³ per row: 0 is a saddle (F' = 1), ±1 attract (F' = -2). A solver's answer sits a
+    residual away from the point itself; from the saddle plain iteration flows off to ±1."""
+    from ept.speed import leaves_equilibrium
+
+    z_star = torch.tensor([[1e-6, -1e-6], [1.0 + 1e-6, 1.0]], dtype=torch.float64)
+    moved = leaves_equilibrium(lambda z: z - z**3, z_star, eps=0.5)
+    assert moved[0] > 1.0 and moved[1] < 1e-5
