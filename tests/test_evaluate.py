@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 import torch
 from conftest import batch, small_model
 
@@ -23,9 +24,13 @@ def test_bptt_runs_are_evaluated_through_their_training_unroll():
     torch.testing.assert_close(z, manual)
 
 
-def test_ep_runs_are_evaluated_at_the_fixed_point():
-    model = small_model(scale=2.0)
+@pytest.mark.parametrize("solver, scale", [("fixed_point", 1.0), ("anderson", 2.0)])
+def test_ep_runs_are_evaluated_at_the_fixed_point_their_own_solver_finds(solver, scale):
+    """The tiny preset relaxes by plain iteration (the physical dynamics); a run trained with
+    --solver anderson is evaluated with it (here on a stiff field plain iteration cannot solve)."""
+    model = small_model(scale=scale)
     idx, _ = batch(model)
-    cfg = resolve("tiny", {"mode": "ep", "res_est": 1e-9, "t1max": 500})
-    z, stats = Predictor.for_run(model, cfg).hidden(idx)
-    assert stats["residual_max"] <= 1e-9
+    cfg = resolve("tiny", {"mode": "ep", "res_est": 1e-9, "t1max": 500, "solver": solver})
+    predictor = Predictor.for_run(model, cfg)
+    z, stats = predictor.hidden(idx)
+    assert predictor.solver.method == solver and stats["residual_max"] <= 1e-9

@@ -38,14 +38,16 @@ class Predictor:
 
     @classmethod
     def for_run(cls, model: EquilibriumLM, cfg: RunConfig) -> Predictor:
-        """How a run's model computes: EP's at its fixed point (Anderson to res_est); BPTT's by the
-        very unroll it was trained through (T1 plain steps: that finite computation is its model);
-        BP's by its explicit forward."""
+        """How a run's model computes: EP's at its fixed point, relaxed by the run's own free-phase
+        solver to res_est (a trained block can have several equilibria, and a secant solver can
+        settle on a saddle the training relaxation never visits); BPTT's by the very unroll it was
+        trained through (T1 plain steps: that finite computation is its model); BP's by its
+        explicit forward."""
         if cfg.train.mode == "bptt":
             evals = cfg.solver.T1 + 1  # T1 updates, then F at the last state (the solver returns that one)
             solver = dataclasses.replace(cfg.solver, method="fixed_point", T1=evals, t1max=evals, res_est=0.0)
         else:
-            solver = dataclasses.replace(cfg.solver, method="anderson", T1=0)
+            solver = dataclasses.replace(cfg.solver, T1=0)
         return cls(model, cfg.train.mode, solver, cfg.train.layers)
 
     @torch.no_grad()
