@@ -185,7 +185,7 @@ def test_peer_comparison_takes_each_librarys_best_solver_plain_iteration_include
 def test_an_equilibrium_plain_iteration_leaves_is_told_from_an_attractor():
     """F(z) = z - z³ per row: 0 is a saddle (F' = 1), ±1 attract (F' = -2). A solver's answer sits a
     residual away from the point itself; from the saddle plain iteration flows off to ±1."""
-    from ept.speed import leaves_equilibrium
+    from ept.speed_fevals import leaves_equilibrium
 
     z_star = torch.tensor([[1e-6, -1e-6], [1.0 + 1e-6, 1.0]], dtype=torch.float64)
     moved = leaves_equilibrium(lambda z: z - z**3, z_star, eps=0.5)

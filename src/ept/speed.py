@@ -33,8 +33,8 @@ from torch import Tensor
 import ept
 from ept.baseline import bp_gradient
 from ept.model import EquilibriumLM
-from ept.solvers import RowwiseField
-from ept.speed_fevals import equilibrium_gap
+from ept.solvers import RowwiseField, residual_per_seq
+from ept.speed_fevals import equilibrium_gap, leaves_equilibrium
 
 ROUTES = ("ep", "bptt", "bp")
 
@@ -184,17 +184,6 @@ def flat_cosine(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
     return float(va @ vb / (va.norm() * vb.norm()).clamp_min(1e-300))
 
 
-def leaves_equilibrium(field: Callable[[Tensor], Tensor], z_star: Tensor, eps: float,
-                       max_iter: int = 400) -> Tensor:
-    """Per row, ||z_plain - z*|| / ||z*||, where z_plain is where plain iteration from z* settles
-    (to a residual of 1e-5): ~0 at an attractor, O(0.01-0.1) where z* is a saddle that a secant
-    solver found but the physical dynamics would flow away from."""
-    with torch.no_grad():
-        z, _ = ept.solve(field, z_star, method="fixed_point", tol=1e-5, max_iter=max_iter, eps=eps)
-    return torch.linalg.vector_norm((z - z_star).flatten(1), dim=1) / torch.linalg.vector_norm(
-        z_star.flatten(1), dim=1).clamp_min(1e-30)
-
-
 def cos_ep_implicit(model: EquilibriumLM, batches: list[Batch], ep_opts: dict[str, Any]) -> dict[str, Any]:
     """cos(EP as benchmarked, implicit oracle) per batch: the worst is the figure (a target must hold
     on every batch), the mean is reported beside it.
@@ -208,8 +197,9 @@ def cos_ep_implicit(model: EquilibriumLM, batches: list[Batch], ep_opts: dict[st
     and is counted. ``cos_ep_implicit_full_batch`` compares with the exact gradient over every
     sequence instead, and ``dropped_seqs`` counts what EP left out.
 
-    ``unstable_seqs`` counts the sequences whose z* is not an attractor of the physical dynamics:
-    plain iteration z <- z + eps F(z) started there leaves it (moves it by more than 1%).
+    ``saddle_seqs`` counts the sequences whose z* met the free phase's residual but is not an
+    attractor of the physical dynamics: plain iteration z <- z + eps F(z) started there leaves it
+    (moves it by more than 1%). ``unconverged_seqs``: those whose free phase stopped above it.
     """
     from ept.config import ImplicitConfig
     from ept.grad import split_options
@@ -220,11 +210,16 @@ def cos_ep_implicit(model: EquilibriumLM, batches: list[Batch], ep_opts: dict[st
     adjoint = ImplicitConfig(adjoint="gmres", adj_tol=1e-6, adj_max_iter=20)
     cos: list[float | None] = []
     full: list[float | None] = []
-    gaps, res, dropped, unstable = [], [], 0, 0
+    gaps, res, dropped, saddles, unconverged = [], [], 0, 0, 0
     for idx, tgt in batches:
         ep_g, ep_st = ept.gradient(model, idx, tgt, route="ep", **ep_opts)
         field = RowwiseField(model.field, (model.inject(idx).detach(),))
-        unstable += int((leaves_equilibrium(field, ep_st["z_star"], solver.eps) > 1e-2).sum())
+        z_star = ep_st["z_star"]
+        with torch.no_grad():
+            settled = residual_per_seq(field(z_star), z_star) <= solver.res_est
+        left = leaves_equilibrium(field, z_star, solver.eps) > 1e-2
+        saddles += int((left & settled).sum())
+        unconverged += int((~settled).sum())
         kept = ep_st["kept"].to(idx.device)
         dropped += int((~kept).sum())
         oracle, st = implicit_gradient(model, idx[kept], tgt[kept], tight, adjoint, z0=ep_st["z_star"][kept])
@@ -244,7 +239,8 @@ def cos_ep_implicit(model: EquilibriumLM, batches: list[Batch], ep_opts: dict[st
             "cos_ep_implicit_mean": statistics.fmean(ok) if ok else None,
             "cos_ep_implicit_per_batch": cos, "oracle_failed_batches": len(cos) - len(ok),
             "cos_ep_implicit_full_batch": min(ok_full, default=None), "cos_full_batch_per_batch": full,
-            "dropped_seqs": dropped, "unstable_seqs": unstable, "seqs": sum(len(b[0]) for b in batches),
+            "dropped_seqs": dropped, "saddle_seqs": saddles,
+            "unconverged_seqs": unconverged, "seqs": sum(len(b[0]) for b in batches),
             "implicit_free_residual": max(res), "oracle_moved_z": max(gaps)}
 
 

@@ -229,8 +229,9 @@ def format_table(s: dict[str, Any]) -> str:
     if s.get("cos_ep_implicit_per_batch"):
         rows.append(f"cos per batch {_fmt_list(s['cos_ep_implicit_per_batch'])}; against the exact gradient "
                     f"over every sequence {_fmt_list(s['cos_full_batch_per_batch'])}; EP left out "
-                    f"{s['dropped_seqs']} of {s['seqs']} sequences; on {s['unstable_seqs']} its z* is an "
-                    "equilibrium plain iteration leaves (a saddle)")
+                    f"{s['dropped_seqs']} of {s['seqs']} sequences; its free phase stopped above the "
+                    f"residual on {s['unconverged_seqs']} and met it at a saddle (plain iteration leaves "
+                    f"it) on {s['saddle_seqs']}")
     rows.append(f"{'analog_over_ideal_time':<28}{_fmt(s.get('analog_over_ideal_time')):>10}{'<= 3':>12}  "
                 f"{'yes' if s.get('analog_over_ideal_time', math.inf) <= 3 else 'NO'}")
     if "compile_speedup" in s:

@@ -108,11 +108,24 @@ def equilibrium_gap(a: Tensor | None, b: Tensor | None) -> float | None:
     return (num / torch.linalg.vector_norm(b.flatten(1), dim=1).clamp_min(1e-30)).max().item()
 
 
+def leaves_equilibrium(field: Callable[[Tensor], Tensor], z_star: Tensor, eps: float,
+                       max_iter: int = 400) -> Tensor:
+    """Per row, ||z_plain - z*|| / ||z*||, where z_plain is where plain iteration from z* settles
+    (to a residual of 1e-5): ~0 at an attractor, O(0.01-0.1) where z* is a saddle that a secant
+    solver found but the physical dynamics would flow away from."""
+    with torch.no_grad():
+        z, _ = ept.solve(field, z_star, method="fixed_point", tol=1e-5, max_iter=max_iter, eps=eps)
+    return torch.linalg.vector_norm((z - z_star).flatten(1), dim=1) / torch.linalg.vector_norm(
+        z_star.flatten(1), dim=1).clamp_min(1e-30)
+
+
 def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int,
                     peer: bool = True) -> dict[str, int | float | None]:
     """F-evaluations to ``tol`` for each ept method and (when installed) TorchDEQ's; None: not reached.
 
-    ``eq_gap`` is :func:`equilibrium_gap` between ept's Anderson and plain-iteration solutions.
+    ``eq_gap`` is :func:`equilibrium_gap` between ept's Anderson and plain-iteration solutions;
+    ``anderson_saddles`` counts the sequences where Anderson met the residual at a point plain
+    iteration leaves (:func:`leaves_equilibrium`): F-evals to a state the physical dynamics never rests at.
     """
     out: dict[str, int | float | None] = {}
     ends = {}
@@ -124,6 +137,10 @@ def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int,
             for m in PEER_METHODS:
                 out[f"torchdeq_{m}"] = evals_to(torchdeq_fevals(field_fn, z0, m, tol, max_evals))
     out["eq_gap"] = equilibrium_gap(ends["anderson"], ends["fixed_point"])
+    end = ends["anderson"]
+    if end is not None:
+        end = int((leaves_equilibrium(field_fn, end, 0.5) > 1e-2).sum())
+    out["anderson_saddles"] = end
     return out
 
 
