@@ -213,9 +213,10 @@ def format_table(s: dict[str, Any]) -> str:
     peers = [k for k in next(iter(s["fevals"].values()))]
     rows.append(f"F-evals to true residual {s['tol']:g}, worst sequence (n/a: not within {s['max_evals']}); "
                 "eq_gap: worst ||z_anderson - z_plain||/||z_plain|| (O(1): another equilibrium)")
-    rows.append(f"{'field':<14}" + "".join(f"{k:>20}" for k in peers))
+    cols = [(k, max(20, len(k) + 2)) for k in peers]
+    rows.append(f"{'field':<14}" + "".join(f"{k:>{w}}" for k, w in cols))
     for name, row in s["fevals"].items():
-        rows.append(f"{name:<14}" + "".join(f"{_fmt(row[k]):>20}" for k in peers))
+        rows.append(f"{name:<14}" + "".join(f"{_fmt(row[k]):>{w}}" for k, w in cols))
     if "peer_note" in s:
         rows.append(s["peer_note"])
     rows.append(f"{'ratio':<28}{'value':>10}{'target':>12}  met")
