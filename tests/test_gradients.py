@@ -336,3 +336,13 @@ def test_a_sequence_whose_nudged_estimate_never_settled_is_left_out(problem, mon
     capped = {**EP_TIGHT, "t2sel": 2, "drop_unsettled": True}
     _, none_settled = ept.gradient(model, idx, tgt, route="ep", **capped)
     assert none_settled["dropped_seqs"] == 0.0 and not none_settled["diverged"]
+
+
+def test_a_free_phase_that_settled_no_sequence_is_not_called_a_nudged_blow_up(problem):
+    """Every sequence above drop_res: no nudged phase runs and the step is flagged as a stalled free
+    phase (the training rollback then says so), with the direct term as its gradient."""
+    model, idx, tgt, _ = problem
+    _, stats = ept.gradient(model, idx, tgt, route="ep", **{**EP_TIGHT, "drop_res": 1e-300, "t1max": 3})
+    assert stats["diverged"] and stats["free_unsettled"] and not stats["free_diverged"]
+    _, fine = ept.gradient(model, idx, tgt, route="ep", **EP_TIGHT)
+    assert not fine["free_unsettled"] and not fine["diverged"]

@@ -243,6 +243,9 @@ def test_a_rollback_names_the_phase_that_blew_up() -> None:
     both = {"loss": 5.0, "diverged": True, "free_diverged": True, "nudged_diverged": True}
     assert divergence(both, TrainState(), t) == "the free phase blew up"  # the nudged phase never ran
     assert divergence({"loss": math.nan, "diverged": False}, TrainState(), t) == "non-finite loss or gradient"
+    stalled = {"loss": 5.0, "diverged": True, "free_diverged": False, "nudged_diverged": True,
+               "free_unsettled": True, "free_residual_max": 3.4}
+    assert divergence(stalled, TrainState(), t).startswith("no sequence's free phase ended below drop_res")
     assert divergence({"loss": 5.0, "diverged": False, "free_residual": 1e-6}, TrainState(), t) is None
 
 

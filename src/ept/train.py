@@ -202,6 +202,10 @@ def divergence(stats: dict[str, Any], state: TrainState, t: TrainConfig) -> str 
                   if k.endswith("_diverged") and k != "diverged" and v]
         if "free" in phases:  # the later phases were skipped (and report themselves diverged)
             return "the free phase blew up"
+        if stats.get("free_unsettled"):
+            return (f"no sequence's free phase ended below drop_res (worst residual "
+                    f"{stats.get('free_residual_max', math.nan):.3g}): raise --t1max or --drop_res, or try "
+                    "--solver anderson on a stiff operator")
         if phases:
             return f"the {' and '.join(phases)} phase{'s' if len(phases) > 1 else ''} blew up"
         return "non-finite loss or gradient"
