@@ -306,6 +306,7 @@ def relax(
     flagged = torch.zeros_like(done)
     sel: Tensor | None = None  # the rows the field is evaluated on (None: all)
     sub: Field = field_fn
+    cuttable = isinstance(field_fn, RowField)  # a Protocol check: once, not per step
     z, good, fz, res = z0, None, None, None
     # Divergence is judged on the absolute ||F(z)|| per sequence: a state that blows up
     # geometrically keeps a bounded *relative* residual, so that one cannot see it.
@@ -348,7 +349,8 @@ def relax(
         else:
             step = z + cfg.eps * fz
         z = step if not bool(done.any()) else torch.where(_rows_mask(done, z), z, step)
-        sel, sub = _narrow(field_fn, sub, sel, done)
+        if cuttable:
+            sel, sub = _narrow(field_fn, sub, sel, done)
     stats.done, stats.flagged = done, flagged
     if good is None:  # the starting point itself was not finite
         stats.residual_per_seq = res
@@ -382,14 +384,12 @@ def _rows_mask(rows: Tensor, like: Tensor) -> Tensor:
     return rows.to(like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
-def _narrow(field_fn: Field, sub: Field, sel: Tensor | None, done: Tensor) -> tuple[Tensor | None, Field]:
+def _narrow(field_fn: RowField, sub: Field, sel: Tensor | None, done: Tensor) -> tuple[Tensor | None, Field]:
     """Cut the field to the moving rows once they are at most half of those evaluated now.
 
     Cutting may cost a re-recording (a nudged field re-linearises on its sub-batch), so it happens
     at most log2(rows) times; in between, frozen rows inside ``sel`` are evaluated and ignored.
     """
-    if not isinstance(field_fn, RowField):
-        return sel, sub
     moving = (~done).nonzero().flatten()
     current = done.numel() if sel is None else len(sel)
     if len(moving) == 0 or 2 * len(moving) > current:
