@@ -99,13 +99,18 @@ def evals_to(counter: FevalCounter) -> int | None:
     return counter.hit
 
 
+def row_gap(a: Tensor, b: Tensor) -> Tensor:
+    """||a - b|| / ||b|| per row (sequence)."""
+    num = torch.linalg.vector_norm((a - b).flatten(1), dim=1)
+    return num / torch.linalg.vector_norm(b.flatten(1), dim=1).clamp_min(1e-30)
+
+
 def equilibrium_gap(a: Tensor | None, b: Tensor | None) -> float | None:
     """Worst sequence's ||a - b|| / ||b||: two solves that met the residual at different equilibria
     (a trained block can have several) differ by O(1), two at the same one by O(tol)."""
     if a is None or b is None:
         return None
-    num = torch.linalg.vector_norm((a - b).flatten(1), dim=1)
-    return (num / torch.linalg.vector_norm(b.flatten(1), dim=1).clamp_min(1e-30)).max().item()
+    return row_gap(a, b).max().item()
 
 
 def leaves_equilibrium(field: Callable[[Tensor], Tensor], z_star: Tensor, eps: float,
@@ -115,8 +120,7 @@ def leaves_equilibrium(field: Callable[[Tensor], Tensor], z_star: Tensor, eps: f
     solver found but the physical dynamics would flow away from."""
     with torch.no_grad():
         z, _ = ept.solve(field, z_star, method="fixed_point", tol=1e-5, max_iter=max_iter, eps=eps)
-    return torch.linalg.vector_norm((z - z_star).flatten(1), dim=1) / torch.linalg.vector_norm(
-        z_star.flatten(1), dim=1).clamp_min(1e-30)
+    return row_gap(z, z_star)
 
 
 def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int,
@@ -137,10 +141,9 @@ def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int,
             for m in PEER_METHODS:
                 out[f"torchdeq_{m}"] = evals_to(torchdeq_fevals(field_fn, z0, m, tol, max_evals))
     out["eq_gap"] = equilibrium_gap(ends["anderson"], ends["fixed_point"])
-    end = ends["anderson"]
-    if end is not None:
-        end = int((leaves_equilibrium(field_fn, end, 0.5) > 1e-2).sum())
-    out["anderson_saddles"] = end
+    z_anderson = ends["anderson"]
+    out["anderson_saddles"] = (None if z_anderson is None else
+                               int((leaves_equilibrium(field_fn, z_anderson, 0.5) > 1e-2).sum()))
     return out
 
 
