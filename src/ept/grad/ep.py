@@ -131,6 +131,8 @@ def ep_gradient(
     keep = torch.zeros(B, dtype=torch.bool)
     if not free_stats.diverged:
         keep = (free_stats.residual_per_seq <= cfg.drop_res).cpu()
+    # No sequence reached drop_res although none blew up: a stalled free phase, not a nudged blow-up.
+    free_unsettled = not free_stats.diverged and not bool(keep.any())
     lam = torch.zeros_like(z_star)
     nudge_stats, retried = SolveStats(method="skipped", diverged=True), False
     if bool(keep.any()):
@@ -159,9 +161,8 @@ def ep_gradient(
     with torch.no_grad():
         loss = model.loss(z_star, targets).item()
     stats = {"loss": loss, **solve_summary("free", free_stats), **solve_summary("nudged", nudge_stats)}
-    # No sequence reached drop_res although none blew up: a stalled free phase, not a nudged blow-up.
-    stats["free_unsettled"] = not free_stats.diverged and nudge_stats.method == "skipped"
-    stats.update(T2=nudge_stats.fevals, nudged_states=len(contour(cfg)[0]), nudged_retry=float(retried),
+    stats.update(T2=nudge_stats.fevals, free_unsettled=free_unsettled, nudged_states=len(contour(cfg)[0]),
+                 nudged_retry=float(retried),
                  dropped_seqs=float(B - int(keep.sum())), kept=keep, z_star=z_star, lam=lam)
     return grads, stats
 
