@@ -346,3 +346,49 @@ def test_a_free_phase_that_settled_no_sequence_is_not_called_a_nudged_blow_up(pr
     assert stats["diverged"] and stats["free_unsettled"] and not stats["free_diverged"]
     _, fine = ept.gradient(model, idx, tgt, route="ep", **EP_TIGHT)
     assert not fine["free_unsettled"] and not fine["diverged"]
+
+
+def test_polishing_a_loose_free_phase_brings_ep_to_the_exact_gradient(problem):
+    """z*'s residual enters EP's estimate through the nudged response's curvature: with a free phase
+    stopped at 1e-2 EP is measurably off, and polishing z* by Anderson removes the error."""
+    model, idx, tgt, oracle = problem
+    loose = dict(solver="fixed_point", res_est=1e-2, t1max=1000, t2_tol=1e-11, t2sel=400, hr=1e-3)
+
+    def error(grads):
+        return ((flat(grads) - flat(oracle)).norm() / flat(oracle).norm()).item()
+
+    rough, st0 = ept.gradient(model, idx, tgt, route="ep", **loose)
+    fine, st1 = ept.gradient(model, idx, tgt, route="ep", polish_res=1e-10, polish_max=100, **loose)
+    assert st0["polish_fevals"] == 0 and st0["free_residual_max"] > 1e-3
+    assert st1["free_residual_max"] <= 1e-10 and st1["polish_fevals"] > 0
+    assert st1["free_fevals"] == st0["free_fevals"] + st1["polish_fevals"]  # the polish is counted
+    assert error(rough) > 1e-5 and error(fine) < 1e-3 * error(rough)
+
+
+def test_a_row_polishing_cannot_improve_keeps_its_free_phase_state(problem):
+    import dataclasses
+
+    from ept.grad import split_options
+    from ept.grad.common import free_phase
+    from ept.grad.ep import polish
+
+    model, idx, tgt, _ = problem
+    opts = dict(solver="fixed_point", res_est=1e-3, polish_res=1e-10, polish_max=100)
+    solver, cfg = split_options("ep", opts)
+    x = model.inject(idx).detach()
+    z, st = free_phase(model, x, solver)
+    claimed = st.residual_per_seq.clone()
+    claimed[1] = 0.0  # nothing can beat this row's (claimed) residual
+    z2, st2, n = polish(model, x, z, dataclasses.replace(st, residual_per_seq=claimed), solver, cfg)
+    assert n > 0 and torch.equal(z2[1], z[1])
+    assert not torch.equal(z2[0], z[0]) and not torch.equal(z2[2], z[2])
+    assert st2.residual_per_seq[1] == 0.0 and st2.residual_max <= 1e-10
+
+
+def test_bad_polish_settings_are_refused():
+    from ept.config import EPConfig
+
+    with pytest.raises(ValueError, match="polish_res >= 0"):
+        EPConfig(polish_res=-1e-6)
+    with pytest.raises(ValueError, match="polish_max >= 1"):
+        EPConfig(polish_max=0)

@@ -174,6 +174,16 @@ class EPConfig:
     # val CE 4.890/4.968/4.908 against 4.877/4.918/4.886 without, dropping up to 5 of 8 sequences a
     # step late in the run (issue 6 note). Off by default; kept when no sequence settled.
     drop_unsettled: bool = False
+    # Refine z* with Anderson to this residual before nudging (0: off), at most polish_max F-evals.
+    # EP's estimate is a finite difference of nudged states divided by β, so z*'s own error enters
+    # it amplified by 1/β — and by J⁻¹ twice where the block is near-critical (a residual r leaves z*
+    # ~r/σ_min away; the nudged response's curvature there is off by as much again). On a trained
+    # tiny block, λ's per-sequence error against a float64 oracle was 0.136 on average at the free
+    # phase's 1e-4 and 0.043 after polishing to 1e-6 (issue 6 note). Anderson starts from the
+    # attractor plain iteration found, so it refines that equilibrium rather than finding a saddle;
+    # a row that polishing does not improve keeps its free-phase state.
+    polish_res: float = 0.0
+    polish_max: int = 40
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -190,5 +200,8 @@ class EPConfig:
             raise ValueError(f"drop_res must be > 0 (inf: keep every sequence), got {self.drop_res}")
         if not 0 <= self.retry_hr < 1:
             raise ValueError(f"retry_hr must be in [0, 1) (0: no retry), got {self.retry_hr}")
+        if self.polish_res < 0 or self.polish_max < 1:
+            raise ValueError(f"polish needs polish_res >= 0 (0: off) and polish_max >= 1, got "
+                             f"polish_res={self.polish_res}, polish_max={self.polish_max}")
         if self.nudge_solver not in SOLVER_METHODS:
             raise ValueError(f"nudge_solver '{self.nudge_solver}' is not one of {', '.join(SOLVER_METHODS)}")

@@ -24,7 +24,7 @@ from ept.train import TrainConfig
 MODEL_FLAGS = ("vocab_size", "C", "H", "T", "c", "qknorm", "attn_mode", "ffn_mult", "ln_f", "init_std")
 SOLVER_FLAGS = ("eps", "T1", "t1max", "res_est", "m", "lam", "accel_from", "restart", "stall")
 EP_FLAGS = ("estimator", "holo", "hr", "track", "asym", "T2", "t2sel", "t2_tol", "nudge_solver", "nudge_m",
-            "nudge_lam", "retry_hr", "drop_res", "drop_unsettled")
+            "nudge_lam", "retry_hr", "drop_res", "drop_unsettled", "polish_res", "polish_max")
 CONTROL_FLAGS = ("resreg", "jacreg", "jr_floor", "jr_max", "jr_target", "jr_up", "jr_decay", "hutch",
                  "eigreg", "eig_margin", "eig_iters")
 TRAIN_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -105,7 +105,8 @@ def _pick(merged: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
 
 
 def ep_config(merged: dict[str, Any]) -> EPConfig:
-    opts = _pick(merged, ("hr", "t2_tol", "nudge_solver", "nudge_m", "nudge_lam", "retry_hr", "drop_res"))
+    opts = _pick(merged, ("hr", "t2_tol", "nudge_solver", "nudge_m", "nudge_lam", "retry_hr", "drop_res",
+                          "polish_res", "polish_max"))
     if merged.get("holo"):
         opts.update(estimator="holomorphic", holo=merged["holo"])
     elif "estimator" in merged:

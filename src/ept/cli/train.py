@@ -68,6 +68,8 @@ HELP = {
     "nudge_lam": "nudged-phase Anderson regularisation",
     "retry_hr": "relax a blown-up nudged phase again at hr x this (0: never)",
     "drop_res": "leave sequences whose free residual ends above this out of the EP gradient",
+    "polish_res": "refine z* with Anderson to this residual before nudging (0: off)",
+    "polish_max": "F-evaluations the polish may take",
     "drop_unsettled": "leave sequences whose adaptive nudged estimate has not settled at --t2sel out of the "
                       "EP gradient",
     "jr_target": "jacreg: free-phase residual above which the weight rises",
@@ -175,6 +177,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("nudge_lam", float),
         ("retry_hr", float),
         ("drop_res", float),
+        ("polish_res", float),
+        ("polish_max", int),
     ):
         phase.add_argument(f"--{name}", type=typ, default=argparse.SUPPRESS, help=HELP.get(name))
     phase.add_argument("--track", action="store_true", default=argparse.SUPPRESS, help=HELP["track"])
