@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import dataclasses
 import gc
@@ -189,8 +190,10 @@ def cos_ep_implicit(model: EquilibriumLM, batches: list[Batch], ep_opts: dict[st
     on every batch), the mean is reported beside it.
 
     The oracle is the exact gradient of what EP computed, at *EP's* equilibrium: the mean loss over
-    the sequences EP kept, with EP's z* refined to a residual of 1e-5 (Anderson from there, no
-    plain-step gate) and its adjoint solved to 1e-6 by GMRES. Relaxed from 0 it could land on another
+    the sequences EP kept, in float64 (a copy of the model), with EP's z* refined to a residual of
+    1e-10 (Anderson from there, no plain-step gate) and its adjoint solved to 1e-10 by GMRES. In
+    float32 a 1e-6 adjoint is at the precision floor, and GMRES failed on batches of trained blocks
+    near criticality, the very batches the figure is about. Relaxed from 0 it could land on another
     equilibrium of a trained block, or blow up, and compare gradients of different points; and the
     adjoint *iteration* diverges where z* is a saddle, which Anderson's free phase does reach (GMRES
     needs J invertible only). A batch whose refinement or adjoint fails has no valid cosine (None),
@@ -206,8 +209,10 @@ def cos_ep_implicit(model: EquilibriumLM, batches: list[Batch], ep_opts: dict[st
     from ept.grad.implicit import implicit_gradient
 
     solver, _ = split_options("ep", ep_opts)
-    tight = dataclasses.replace(solver, T1=0, res_est=1e-5, t1max=500, accel_from=math.inf)
-    adjoint = ImplicitConfig(adjoint="gmres", adj_tol=1e-6, adj_max_iter=20)
+    tight = dataclasses.replace(solver, method="anderson", T1=0, res_est=1e-10, t1max=500,
+                                accel_from=math.inf, lam=1e-8)
+    adjoint = ImplicitConfig(adjoint="gmres", adj_tol=1e-10, adj_max_iter=20)
+    exact = copy.deepcopy(model).double()
     cos: list[float | None] = []
     full: list[float | None] = []
     gaps, res, dropped, saddles, unconverged = [], [], 0, 0, 0
@@ -222,17 +227,18 @@ def cos_ep_implicit(model: EquilibriumLM, batches: list[Batch], ep_opts: dict[st
         unconverged += int((~settled).sum())
         kept = ep_st["kept"].to(idx.device)
         dropped += int((~kept).sum())
-        oracle, st = implicit_gradient(model, idx[kept], tgt[kept], tight, adjoint, z0=ep_st["z_star"][kept])
+        z0 = ep_st["z_star"].double()
+        oracle, st = implicit_gradient(exact, idx[kept], tgt[kept], tight, adjoint, z0=z0[kept])
         valid = bool(st["free_converged"] and st["adj_converged"])
         cos.append(flat_cosine(ep_g, oracle) if valid else None)
         if bool(kept.all()):
             full.append(cos[-1])
         else:
-            every, st_all = implicit_gradient(model, idx, tgt, tight, adjoint, z0=ep_st["z_star"])
+            every, st_all = implicit_gradient(exact, idx, tgt, tight, adjoint, z0=z0)
             valid_all = st_all["free_converged"] and st_all["adj_converged"]
             full.append(flat_cosine(ep_g, every) if valid_all else None)
         res.append(st["free_residual_max"])
-        gaps.append(equilibrium_gap(ep_st["z_star"][kept], st["z_star"]))
+        gaps.append(equilibrium_gap(z0[kept], st["z_star"]))
     ok = [c for c in cos if c is not None]
     ok_full = [c for c in full if c is not None]
     return {"cos_ep_implicit": min(ok, default=None),
