@@ -119,11 +119,12 @@ def ep_gradient(
 ) -> tuple[Grads, dict[str, Any]]:
     """EP's gradient of the mean loss over the sequences that reached an equilibrium.
 
-    Sequences whose free residual is above ``cfg.drop_res`` are left out, and so are those whose
-    adaptive nudged estimate never settled (``cfg.drop_unsettled``; unless none did). A nudged phase
-    that blows up is relaxed once more (``cfg.retry_hr`` > 0) without the sequences whose rows blew up, at
-    hr·retry_hr. With no sequence left, or with a free phase that blew up, the direct term is
-    returned, flagged ``diverged``, at no further cost.
+    With ``cfg.polish_res`` > 0, z* is first refined by Anderson (:func:`polish`), and ``drop_res``
+    judges the refined residual. Sequences whose free residual is above ``cfg.drop_res`` are left
+    out, and so are those whose adaptive nudged estimate never settled (``cfg.drop_unsettled``;
+    unless none did). A nudged phase that blows up is relaxed once more (``cfg.retry_hr`` > 0)
+    without the sequences whose rows blew up, at hr·retry_hr. With no sequence left, or with a free
+    phase that blew up, the direct term is returned, flagged ``diverged``, at no further cost.
     """
     x = model.inject(idx).detach()
     z_star, free_stats = free_phase(model, x, solver)
