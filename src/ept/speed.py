@@ -200,9 +200,11 @@ def cos_ep_implicit(model: EquilibriumLM, batches: list[Batch], ep_opts: dict[st
     and is counted. ``cos_ep_implicit_full_batch`` compares with the exact gradient over every
     sequence instead, and ``dropped_seqs`` counts what EP left out.
 
-    ``saddle_seqs`` counts the sequences whose z* met the free phase's residual but is not an
-    attractor of the physical dynamics: plain iteration z <- z + eps F(z) started there leaves it
-    (moves it by more than 1%). ``unconverged_seqs``: those whose free phase stopped above it.
+    ``saddle_seqs`` counts the sequences EP nudged from a z* that is not an attractor of the
+    physical dynamics: plain iteration z <- z + eps F(z) started there leaves it (moves it by more
+    than 1%). Those EP left out are not counted: a sequence below res_est but above drop_res is off
+    equilibrium, and plain iteration moves it for that reason. ``unconverged_seqs``: the sequences
+    whose free phase stopped above res_est.
     """
     from ept.config import ImplicitConfig
     from ept.grad import split_options
@@ -223,9 +225,9 @@ def cos_ep_implicit(model: EquilibriumLM, batches: list[Batch], ep_opts: dict[st
         with torch.no_grad():
             settled = residual_per_seq(field(z_star), z_star) <= solver.res_est
         left = leaves_equilibrium(field, z_star, solver.eps) > 1e-2
-        saddles += int((left & settled).sum())
-        unconverged += int((~settled).sum())
         kept = ep_st["kept"].to(idx.device)
+        saddles += int((left & kept).sum())
+        unconverged += int((~settled).sum())
         dropped += int((~kept).sum())
         z0 = ep_st["z_star"].double()
         oracle, st = implicit_gradient(exact, idx[kept], tgt[kept], tight, adjoint, z0=z0[kept])
