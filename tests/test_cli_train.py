@@ -97,7 +97,7 @@ def test_canonical_recipe_parses_verbatim() -> None:
 def test_solver_nudge_and_control_knobs_are_flags_that_reach_their_configs() -> None:
     argv = ["train", "--lam", "1e-3", "--accel_from", "0.05", "--restart", "5", "--stall", "8",
             "--nudge_solver", "fixed_point", "--nudge_m", "3", "--nudge_lam", "1e-5", "--retry_hr", "0.5",
-            "--drop_res", "0.05",
+            "--drop_res", "0.05", "--polish_res", "1e-7", "--polish_max", "12",
             "--jacreg", "0.1", "--jr_target", "1e-3", "--jr_up", "1.5", "--jr_decay", "0.8", "--hutch", "2",
             "--eig_iters", "4"]
     parsed = vars(build_parser().parse_args(argv))
@@ -106,6 +106,7 @@ def test_solver_nudge_and_control_knobs_are_flags_that_reach_their_configs() -> 
     assert (s.lam, s.accel_from, s.restart, s.stall) == (1e-3, 0.05, 5.0, 8)
     assert (ep.nudge_solver, ep.nudge_m, ep.nudge_lam) == ("fixed_point", 3, 1e-5)
     assert (ep.retry_hr, ep.drop_res) == (0.5, 0.05)
+    assert (ep.polish_res, ep.polish_max) == (1e-7, 12)
     c = cfg.control
     assert (c["jr_target"], c["jr_up"], c["jr_decay"], c["hutch"], c["eig_iters"]) == (1e-3, 1.5, 0.8, 2, 4)
 
