@@ -172,6 +172,9 @@ def ep_gradient(
     return grads, stats
 
 
+_POLISH_STALL = 16
+
+
 def polish(model: EquilibriumLM, x: Tensor, z_star: Tensor, stats: SolveStats, solver: SolverConfig,
            cfg: EPConfig) -> tuple[Tensor, SolveStats, int]:
     """z* refined by Anderson to ``cfg.polish_res`` (see :class:`EPConfig`), the free phase's stats
@@ -182,9 +185,11 @@ def polish(model: EquilibriumLM, x: Tensor, z_star: Tensor, stats: SolveStats, s
     """
     assert stats.residual_per_seq is not None
     # Next to an equilibrium the secant model is good from the first step: no plain-step gate, and
-    # the nudged phase's short, lightly regularised memory (it too starts next to its solution).
+    # the nudged phase's short, lightly regularised memory (it too starts next to its solution). A
+    # sequence polishing has not halved in 16 steps has no equilibrium nearby (polishing is bimodal,
+    # issue 6 note): the stall guard hands it to plain steps whatever the free solver's own ``stall``.
     pcfg = dataclasses.replace(solver, method="anderson", T1=0, t1max=cfg.polish_max, res_est=cfg.polish_res,
-                               accel_from=math.inf, m=cfg.nudge_m, lam=cfg.nudge_lam)
+                               accel_from=math.inf, m=cfg.nudge_m, lam=cfg.nudge_lam, stall=_POLISH_STALL)
     with torch.no_grad():
         z, pst = relax(RowwiseField(model.field, (x,)), z_star, pcfg)
     out = dataclasses.replace(stats, fevals=stats.fevals + pst.fevals, history=stats.history + pst.history,
