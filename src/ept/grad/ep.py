@@ -25,7 +25,7 @@ from torch.func import jvp, vjp
 from ept.config import EPConfig, SolverConfig
 from ept.grad.common import Grads, free_phase, local_update, loss_grad_z, solve_summary
 from ept.model import EquilibriumLM
-from ept.solvers import RowwiseField, SolveStats, relax
+from ept.solvers import SolveStats, relax
 
 
 def contour(cfg: EPConfig) -> tuple[list[complex], list[complex]]:
@@ -190,8 +190,7 @@ def polish(model: EquilibriumLM, x: Tensor, z_star: Tensor, stats: SolveStats, s
     # issue 6 note): the stall guard hands it to plain steps whatever the free solver's own ``stall``.
     pcfg = dataclasses.replace(solver, method="anderson", T1=0, t1max=cfg.polish_max, res_est=cfg.polish_res,
                                accel_from=math.inf, m=cfg.nudge_m, lam=cfg.nudge_lam, stall=_POLISH_STALL)
-    with torch.no_grad():
-        z, pst = relax(RowwiseField(model.field, (x,)), z_star, pcfg)
+    z, pst = free_phase(model, x, pcfg, z0=z_star)
     out = dataclasses.replace(stats, fevals=stats.fevals + pst.fevals, history=stats.history + pst.history,
                               row_fevals=stats.row_fevals + pst.row_fevals)
     if pst.diverged or pst.residual_per_seq is None:
