@@ -190,3 +190,42 @@ def test_an_equilibrium_plain_iteration_leaves_is_told_from_an_attractor():
     z_star = torch.tensor([[1e-6, -1e-6], [1.0 + 1e-6, 1.0]], dtype=torch.float64)
     moved = leaves_equilibrium(lambda z: z - z**3, z_star, eps=0.5)
     assert moved[0] > 1.0 and moved[1] < 1e-5
+
+
+def two_rows_one_without_an_attractor(z):
+    """Row 0: F = b - z (attracting root). Row 1: a limit cycle of radius 1 around a repelling
+    focus, F = (1 - |z|²) z + ω·rot(z): plain iteration circles forever at a residual of about ω."""
+    b = torch.tensor([0.3, -0.7], dtype=z.dtype)
+    r2 = (z[1] ** 2).sum()
+    rot = torch.stack([-z[1, 1], z[1, 0]])
+    return torch.stack([b - z[0], (1 - r2) * z[1] + 0.5 * rot])
+
+
+def test_counter_records_each_rows_own_count():
+    f, exact = linear_problem(rows=4)
+    z0 = torch.zeros_like(exact)
+    z0[2] = exact[2] * 0.999  # this row starts next to its root: it is done far sooner
+    counter = fe.ept_fevals(f, z0, "fixed_point", 1e-8, 500)
+    rows = fe.row_evals(counter)
+    assert max(rows) == counter.hit and rows[2] < min(rows[i] for i in (0, 1, 3))
+    capped = fe.ept_fevals(f, z0, "fixed_point", 1e-8, 5)  # stopped before most rows got there
+    assert capped.hit is None and fe.row_evals(capped).count(None) >= 3
+
+
+def test_attractor_rows_leaves_out_a_sequence_plain_iteration_never_settles():
+    z0 = torch.tensor([[0.0, 0.0], [0.5, 0.0]], dtype=torch.float64)
+    keep = fe.attractor_rows(two_rows_one_without_an_attractor, z0, 1e-6, 300)
+    assert keep.tolist() == [True, False]
+
+
+def test_row_ratio_sums_each_sequences_count_and_caps_misses():
+    from ept.speed_bench import trained_ratio, trained_row_ratio
+
+    table = {"trained b0": {"ept_anderson": 30, "ept_fixed_point": 90,
+                            "rows_ept_anderson": [10, 30], "rows_ept_fixed_point": [80, 90]},
+             "trained b1": {"ept_anderson": None, "ept_fixed_point": 100,
+                            "rows_ept_anderson": [20, None], "rows_ept_fixed_point": [40, 100]},
+             "random x2": {"ept_anderson": 1, "ept_fixed_point": 400,
+                           "rows_ept_anderson": [1], "rows_ept_fixed_point": [400]}}
+    assert trained_ratio(table, cap=200) == pytest.approx((30 + 200) / (90 + 100))
+    assert trained_row_ratio(table, cap=200) == pytest.approx((10 + 30 + 20 + 200) / (80 + 90 + 40 + 100))

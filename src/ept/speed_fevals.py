@@ -48,11 +48,16 @@ class FevalCounter:
         self.residuals: list[float] = []
         self.hit: int | None = None  # the call count at which ``tol`` was first met
         self.z: Tensor | None = None  # ... and the point it was met at
+        self.row_hits: Tensor | None = None  # per row, the call count it first met ``tol`` at (0: never)
 
     def __call__(self, z: Tensor) -> Tensor:
         fz = self.field_fn(z)
         self.calls += 1
-        worst = residual_per_seq(fz, z).max().item()
+        per_row = residual_per_seq(fz, z).cpu()
+        if self.row_hits is None:
+            self.row_hits = torch.zeros(per_row.shape[0], dtype=torch.long)
+        self.row_hits[(per_row <= self.tol) & (self.row_hits == 0)] = self.calls
+        worst = per_row.max().item()
         self.residuals.append(worst)
         if self.hit is None and worst <= self.tol:
             self.hit, self.z = self.calls, z.detach().clone()
@@ -99,6 +104,25 @@ def evals_to(counter: FevalCounter) -> int | None:
     return counter.hit
 
 
+def row_evals(counter: FevalCounter) -> list[int | None]:
+    """Per row, the F-evaluations it took to meet the residual (None: not within the solve)."""
+    hits = [] if counter.row_hits is None else counter.row_hits.tolist()
+    return [h or None for h in hits]
+
+
+def attractor_rows(field_fn: Field, z0: Tensor, tol: float, max_evals: int, eps: float = 0.5) -> Tensor:
+    """The rows (sequences) plain iteration, the physical relaxation, settles to ``tol`` within
+    ``max_evals``. The others have no attracting equilibrium within reach: a root finder may still
+    meet the residual there, at a saddle the dynamics never rests at, so "F-evals to the same
+    residual" is not defined for them (EP leaves them out of its gradient, by ``drop_res``)."""
+    counter = FevalCounter(field_fn, tol, max_evals)
+    try:
+        ept.solve(counter, z0, method="fixed_point", tol=0.0, max_iter=max_evals, eps=eps)
+    except Reached:
+        pass
+    return torch.tensor([h is not None for h in row_evals(counter)], dtype=torch.bool)
+
+
 def row_gap(a: Tensor, b: Tensor) -> Tensor:
     """||a - b|| / ||b|| per row (sequence)."""
     num = torch.linalg.vector_norm((a - b).flatten(1), dim=1)
@@ -127,6 +151,8 @@ def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int,
                     peer: bool = True) -> dict[str, int | float | None]:
     """F-evaluations to ``tol`` for each ept method and (when installed) TorchDEQ's; None: not reached.
 
+    ``rows_ept_<method>`` lists each row's own count (a solve runs until the worst row is done; with
+    row freezing a row costs only its own count).
     ``eq_gap`` is :func:`equilibrium_gap` between ept's Anderson and plain-iteration solutions;
     ``anderson_saddles`` counts the sequences where Anderson met the residual at a point plain
     iteration leaves (:func:`leaves_equilibrium`): F-evals to a state the physical dynamics never rests at.
@@ -137,6 +163,7 @@ def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int,
         for m in EPT_METHODS:
             counter = ept_fevals(field_fn, z0, m, tol, max_evals)
             out[f"ept_{m}"], ends[m] = evals_to(counter), counter.z
+            out[f"rows_ept_{m}"] = row_evals(counter)
         if peer and have_torchdeq():
             for m in PEER_METHODS:
                 out[f"torchdeq_{m}"] = evals_to(torchdeq_fevals(field_fn, z0, m, tol, max_evals))
