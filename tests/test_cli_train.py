@@ -96,6 +96,7 @@ def test_canonical_recipe_parses_verbatim() -> None:
 
 def test_solver_nudge_and_control_knobs_are_flags_that_reach_their_configs() -> None:
     argv = ["train", "--lam", "1e-3", "--accel_from", "0.05", "--restart", "5", "--stall", "8",
+            "--proj_every", "3", "--proj_jump", "4",
             "--nudge_solver", "fixed_point", "--nudge_m", "3", "--nudge_lam", "1e-5", "--retry_hr", "0.5",
             "--drop_res", "0.05", "--polish_res", "1e-7", "--polish_max", "12",
             "--jacreg", "0.1", "--jr_target", "1e-3", "--jr_up", "1.5", "--jr_decay", "0.8", "--hutch", "2",
@@ -104,6 +105,7 @@ def test_solver_nudge_and_control_knobs_are_flags_that_reach_their_configs() -> 
     cfg = resolve("tiny", {k: v for k, v in parsed.items() if k not in ("func", "command", "json")})
     s, ep = cfg.solver, cfg.ep
     assert (s.lam, s.accel_from, s.restart, s.stall) == (1e-3, 0.05, 5.0, 8)
+    assert (s.proj_every, s.proj_jump) == (3, 4.0)
     assert (ep.nudge_solver, ep.nudge_m, ep.nudge_lam) == ("fixed_point", 3, 1e-5)
     assert (ep.retry_hr, ep.drop_res) == (0.5, 0.05)
     assert (ep.polish_res, ep.polish_max) == (1e-7, 12)
@@ -176,6 +178,7 @@ def test_seed_spelling_state_resumes_and_steps_extend(trained_run: Path, tmp_pat
         ("--T", "-4", "--T"),
         ("--lr", "0", "--lr"),
         ("--T1", "0", "--T1"),
+        ("--proj_jump", "-1", "proj_jump"),
         ("--preset", "huge", "unknown preset"),
     ],
 )

@@ -215,9 +215,15 @@ class _Guard:
       10%: the secant model is wrong far from the fixed point (z = 0 always: LayerNorm is singular
       there), and such points poison every later extrapolation;
     - restart: a residual ``restart`` times above the best so far clears the sequence's history;
-    - stall: a sequence whose residual has not halved in ``stall`` steps is left to plain iteration
-      for the rest of the solve. On a trained operator near a Hopf point Anderson otherwise sits
-      at a residual of ~1e-2 (a local minimum of ||F||) on sequences plain iteration does solve.
+    - stall: a sequence whose residual has not halved in ``stall`` steps is left to the dynamics
+      for the rest of the solve. On a trained operator Anderson otherwise sits at a residual of
+      ~1e-3-1e-2 (a local minimum of ||F||, the "ghost" of a root) on sequences plain iteration
+      does solve: the dynamics drifts slowly past the ghost, its residual rising before it falls,
+      which a root finder, descending ||F||, never does;
+    - escape: such a sequence takes plain steps, every ``proj_every``+1-th of them a long step
+      (1 + proj_jump)·eps (projective integration: the plain steps damp the fast modes, the long
+      step carries the slow drift) where its last two F(z) are aligned. An oscillating sequence
+      (a stiff field) would be thrown further by a long step, so it only takes plain ones.
     """
 
     def __init__(self) -> None:
@@ -227,12 +233,15 @@ class _Guard:
         self.mark: Tensor | None = None  # the residual each sequence must next halve ...
         self.mark_at: Tensor | None = None  # ... and the step it was set at
         self.plain_only: Tensor | None = None
+        self.since_long: Tensor | None = None  # plain steps since the last long one (escaping rows)
+        self.prev_f: Tensor | None = None
 
     def step(self, accel: _Anderson, z: Tensor, fz: Tensor, res: Tensor, cfg: SolverConfig) -> Tensor:
         if self.best is None:
             self.best, self.mark = res, res
             self.mark_at = torch.zeros_like(res, dtype=torch.long)
             self.plain_only = torch.zeros_like(res, dtype=torch.bool)
+            self.since_long = torch.zeros_like(res, dtype=torch.long)
         self.best = torch.minimum(self.best, res)
         halved = res < 0.5 * self.mark
         self.mark = torch.where(halved, res, self.mark)
@@ -243,7 +252,25 @@ class _Guard:
         restart = far | (res > cfg.restart * self.best) | self.plain_only
         self.prev = res
         self.k += 1
-        return accel.step(z, fz, cfg.eps, restart)
+        out = accel.step(z, fz, cfg.eps, restart)
+        if cfg.proj_jump > 0 and bool(self.plain_only.any()):
+            out = self._escape(z, fz, out, cfg)
+        return out
+
+    def _escape(self, z: Tensor, fz: Tensor, out: Tensor, cfg: SolverConfig) -> Tensor:
+        f = _flat(fz)
+        due = self.plain_only & (self.since_long >= cfg.proj_every)
+        if self.prev_f is not None:
+            norms = torch.linalg.vector_norm(f, dim=1) * torch.linalg.vector_norm(self.prev_f, dim=1)
+            cos = (f * self.prev_f).sum(1) / norms.clamp_min(_TINY)
+            long = due & (cos.to(due.device) > 0.9)
+        else:
+            long = torch.zeros_like(due)
+        self.prev_f = f
+        self.since_long = torch.where(long | ~self.plain_only, 0, self.since_long + 1)
+        if not bool(long.any()):
+            return out
+        return torch.where(_rows_mask(long, z), z + (1 + cfg.proj_jump) * cfg.eps * fz, out)
 
 
 _ALIASES = {"T1": "min_iter", "t1max": "max_iter", "res_est": "tol"}
