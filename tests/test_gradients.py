@@ -385,6 +385,29 @@ def test_a_row_polishing_cannot_improve_keeps_its_free_phase_state(problem):
     assert st2.residual_per_seq[1] == 0.0 and st2.residual_max <= 1e-10
 
 
+def test_polishing_refines_in_place_without_the_stall_escapes_long_steps(problem, monkeypatch):
+    """A sequence polishing stalls on has no equilibrium near z*: it takes plain steps, never the
+    free solver's long projective ones, which would carry it towards another attractor."""
+    from ept.grad import ep as ep_module
+    from ept.grad import split_options
+    from ept.grad.common import free_phase
+
+    model, idx, _, _ = problem
+    solver, cfg = split_options("ep", dict(solver="fixed_point", res_est=1e-3, polish_res=1e-10,
+                                           proj_jump=8.0))
+    x = model.inject(idx).detach()
+    z, st = free_phase(model, x, solver)
+    seen = []
+
+    def recording(m, x, c, z0):
+        seen.append(c)
+        return free_phase(m, x, c, z0=z0)
+
+    monkeypatch.setattr(ep_module, "free_phase", recording)
+    ep_module.polish(model, x, z, st, solver, cfg)
+    assert solver.proj_jump == 8.0 and [c.proj_jump for c in seen] == [0.0]
+
+
 def test_bad_polish_settings_are_refused():
     from ept.config import EPConfig
 

@@ -187,9 +187,12 @@ def polish(model: EquilibriumLM, x: Tensor, z_star: Tensor, stats: SolveStats, s
     # Next to an equilibrium the secant model is good from the first step: no plain-step gate, and
     # the nudged phase's short, lightly regularised memory (it too starts next to its solution). A
     # sequence polishing has not halved in 16 steps has no equilibrium nearby (polishing is bimodal,
-    # issue 6 note): the stall guard hands it to plain steps whatever the free solver's own ``stall``.
+    # issue 6 note): the stall guard hands it to plain steps whatever the free solver's own ``stall``,
+    # and without the long steps of the stall escape, which would carry it along the dynamics away
+    # from the attractor the free phase found: polishing refines z*, it does not travel.
     pcfg = dataclasses.replace(solver, method="anderson", T1=0, t1max=cfg.polish_max, res_est=cfg.polish_res,
-                               accel_from=math.inf, m=cfg.nudge_m, lam=cfg.nudge_lam, stall=_POLISH_STALL)
+                               accel_from=math.inf, m=cfg.nudge_m, lam=cfg.nudge_lam, stall=_POLISH_STALL,
+                               proj_jump=0.0)
     z, pst = free_phase(model, x, pcfg, z0=z_star)
     out = dataclasses.replace(stats, fevals=stats.fevals + pst.fevals, history=stats.history + pst.history,
                               row_fevals=stats.row_fevals + pst.row_fevals)
