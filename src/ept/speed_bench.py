@@ -246,21 +246,21 @@ def format_table(s: dict[str, Any]) -> str:
         rows.append(s["peer_note"])
     rows.append(f"trained batches: the sequences plain iteration settles within {s['max_evals']} "
                 f"({s['no_attractor_seqs']} left out: no attracting equilibrium there)")
-    rows.append(f"{'ratio':<28}{'value':>10}{'target':>12}  met")
+    rows.append(f"{'ratio':<34}{'value':>10}{'target':>12}  met")
     for key in ("ep_over_bptt_time", "ep_over_bptt_mem", "ep_over_bp_time", "anderson_over_plain_fevals",
                 "anderson_over_plain_row_fevals", "estimator_share", "cos_ep_implicit",
                 "ept_over_torchdeq_fevals", "ept_anderson_over_torchdeq_fevals"):
         t = s["targets"].get(key)
         bound = f"{t['op']} {t['bound']:.3g}" if t else "report"
         met = "" if not t else {True: "yes", False: "NO", None: "n/a"}[t["met"]]
-        rows.append(f"{key:<28}{_fmt(s.get(key)):>10}{bound:>12}  {met}")
+        rows.append(f"{key:<34}{_fmt(s.get(key)):>10}{bound:>12}  {met}")
     if s.get("cos_ep_implicit_per_batch"):
         rows.append(f"cos per batch {_fmt_list(s['cos_ep_implicit_per_batch'])}; against the exact gradient "
                     f"over every sequence {_fmt_list(s['cos_full_batch_per_batch'])}; EP left out "
                     f"{s['dropped_seqs']} of {s['seqs']} sequences; its free phase stopped above the "
                     f"residual on {s['unconverged_seqs']} and met it at a saddle (plain iteration leaves "
                     f"it) on {s['saddle_seqs']}")
-    rows.append(f"{'analog_over_ideal_time':<28}{_fmt(s.get('analog_over_ideal_time')):>10}{'<= 3':>12}  "
+    rows.append(f"{'analog_over_ideal_time':<34}{_fmt(s.get('analog_over_ideal_time')):>10}{'<= 3':>12}  "
                 f"{'yes' if s.get('analog_over_ideal_time', math.inf) <= 3 else 'NO'}")
     if "compile_speedup" in s:
         rows.append(f"torch.compile field: {s['compile_speedup']:.2f}x eager "
