@@ -229,3 +229,18 @@ def test_row_ratio_sums_each_sequences_count_and_caps_misses():
                            "rows_ept_anderson": [1], "rows_ept_fixed_point": [400]}}
     assert trained_ratio(table, cap=200) == pytest.approx((30 + 200) / (90 + 100))
     assert trained_row_ratio(table, cap=200) == pytest.approx((10 + 30 + 20 + 200) / (80 + 90 + 40 + 100))
+
+
+@pytest.mark.parametrize("argv, weights", [([], "ema"), (["--raw"], "model"),
+                                           (["--weights", "model"], "model")])
+def test_bench_raw_flag_is_spelt_as_in_eval_and_generate(argv, weights, monkeypatch, capsys):
+    import ept.speed_bench
+
+    def fake_run_speed(cfg, log, compile_field, ckpt, weights):
+        raise ValueError(f"reached run_speed with weights={weights}")
+
+    monkeypatch.setattr(ept.speed_bench, "run_speed", fake_run_speed)
+    assert main(["bench", "speed", "--ckpt", "some/run", *argv]) == 2
+    assert f"weights={weights}" in capsys.readouterr().err
+    assert main(["bench", "speed", "--raw", "--weights", "ema"]) == 2
+    assert "contradict" in capsys.readouterr().err

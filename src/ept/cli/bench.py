@@ -113,8 +113,10 @@ def _speed_args(p: argparse.ArgumentParser, top: bool = False) -> None:
     p.add_argument("--T1", type=int, default=150, help="BPTT's fixed unroll")
     p.add_argument("--train_steps", type=int, default=300, help="EP steps that make the trained operator")
     p.add_argument("--ckpt", default=None, help="use this checkpoint's weights as the trained operator")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema",
-                   help="with --ckpt: the parameter EMA (what eval and generate use) or the raw last iterate")
+    p.add_argument("--raw", action="store_true",
+                   help="with --ckpt: the raw last iterate, not the parameter EMA (as in eval and generate)")
+    # The earlier spelling of --raw, still accepted.
+    p.add_argument("--weights", choices=("ema", "model"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the field")
     p.add_argument("--no_peer", action="store_true", help="skip the TorchDEQ column")
@@ -141,6 +143,9 @@ def run_speed_part(args: argparse.Namespace) -> int:
             raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     from ept.speed import preset_setup
 
+    if args.raw and args.weights == "ema":
+        raise UsageError("--raw and --weights ema contradict each other: give one of them")
+    weights = args.weights or ("model" if args.raw else "ema")
     try:
         cfg = SpeedConfig(preset=args.preset, T1=args.T1, repeats=args.repeats, train_steps=args.train_steps,
                           threads=args.threads, peer=not args.no_peer, memory=not args.no_memory,
@@ -150,7 +155,7 @@ def run_speed_part(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     try:
         s = run_speed(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True),
-                      compile_field=args.compile, ckpt=args.ckpt, weights=args.weights)
+                      compile_field=args.compile, ckpt=args.ckpt, weights=weights)
     except (DataError, ValueError) as e:
         raise UsageError(str(e)) from None
     print(format_table(s))
