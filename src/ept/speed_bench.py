@@ -81,10 +81,15 @@ def solver_table(model: EquilibriumLM, batches: list[Tensor], cfg: SpeedConfig) 
     return rows
 
 
+def _trained(table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of the solver table for the trained operator's batches (not the random fields)."""
+    return [r for name, r in table.items() if name.startswith("trained")]
+
+
 def trained_ratio(table: dict[str, dict[str, Any]], cap: int) -> float | None:
     """Σ Anderson / Σ plain F-evals over the trained batches, each solve run until its worst sequence
     met the residual (one that never got there counts as cap)."""
-    rows = [r for name, r in table.items() if name.startswith("trained")]
+    rows = _trained(table)
     plain = sum(r["ept_fixed_point"] or cap for r in rows)
     return _ratio(sum(r["ept_anderson"] or cap for r in rows), plain)
 
@@ -92,7 +97,7 @@ def trained_ratio(table: dict[str, dict[str, Any]], cap: int) -> float | None:
 def trained_row_ratio(table: dict[str, dict[str, Any]], cap: int) -> float | None:
     """Σ Anderson / Σ plain F-evals summed per sequence over the trained batches: the compute when
     every sequence stops at its own residual (the solver's row freezing), not at the batch's worst."""
-    rows = [r for name, r in table.items() if name.startswith("trained")]
+    rows = _trained(table)
     total = {m: sum(h or cap for r in rows for h in r[f"rows_ept_{m}"]) for m in ("anderson", "fixed_point")}
     return _ratio(total["anderson"], total["fixed_point"])
 
@@ -169,9 +174,8 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] = print, compile_fiel
     s["fevals"] = table
     s["anderson_over_plain_fevals"] = trained_ratio(table, cfg.max_evals)
     s["anderson_over_plain_row_fevals"] = trained_row_ratio(table, cfg.max_evals)
-    s["no_attractor_seqs"] = sum(r["no_attractor"] for name, r in table.items() if name.startswith("trained"))
-    s["plain_reached"] = all(r["ept_fixed_point"] is not None
-                             for name, r in table.items() if name.startswith("trained"))
+    s["no_attractor_seqs"] = sum(r["no_attractor"] for r in _trained(table))
+    s["plain_reached"] = all(r["ept_fixed_point"] is not None for r in _trained(table))
     if cfg.peer and fe.have_torchdeq():
         # The worst field counts: a field only TorchDEQ solves makes the ratio infinite.
         best = [_vs_peer(_best(r, "ept_"), _best(r, "torchdeq_")) for r in table.values()]

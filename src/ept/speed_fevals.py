@@ -115,11 +115,7 @@ def attractor_rows(field_fn: Field, z0: Tensor, tol: float, max_evals: int, eps:
     ``max_evals``. The others have no attracting equilibrium within reach: a root finder may still
     meet the residual there, at a saddle the dynamics never rests at, so "F-evals to the same
     residual" is not defined for them (EP leaves them out of its gradient, by ``drop_res``)."""
-    counter = FevalCounter(field_fn, tol, max_evals)
-    try:
-        ept.solve(counter, z0, method="fixed_point", tol=0.0, max_iter=max_evals, eps=eps)
-    except Reached:
-        pass
+    counter = ept_fevals(field_fn, z0, "fixed_point", tol, max_evals, eps=eps)
     return torch.tensor([h is not None for h in row_evals(counter)], dtype=torch.bool)
 
 
