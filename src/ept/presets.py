@@ -119,9 +119,12 @@ def _pick(merged: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
     return {k: merged[k] for k in names if k in merged}
 
 
+# The EP flags whose CLI spelling differs from EPConfig's fields; every other EP flag is a field.
+_EP_SPELT_APART = ("estimator", "holo", "track", "asym", "T2", "t2sel", "drop_unsettled")
+
+
 def ep_config(merged: dict[str, Any]) -> EPConfig:
-    opts = _pick(merged, ("hr", "t2_tol", "nudge_solver", "nudge_m", "nudge_lam", "retry_hr", "drop_res",
-                          "polish_res", "polish_max"))
+    opts = _pick(merged, tuple(k for k in EP_FLAGS if k not in _EP_SPELT_APART))
     if merged.get("holo"):
         opts.update(estimator="holomorphic", holo=merged["holo"])
     elif "estimator" in merged:
