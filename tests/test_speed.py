@@ -218,6 +218,26 @@ def test_attractor_rows_leaves_out_a_sequence_plain_iteration_never_settles():
     assert keep.tolist() == [True, False]
 
 
+def test_compare_solvers_reuses_a_plain_count_already_taken():
+    """The bench's attractor filter already ran plain iteration on the batch: handing that count in
+    gives the same row as counting afresh, without running plain iteration again."""
+    f, exact = linear_problem(rows=2)
+    z0 = torch.zeros_like(exact)
+    calls = []
+
+    def counted(z):
+        calls.append(1)
+        return f(z)
+
+    fresh = fe.compare_solvers(counted, z0, 1e-8, 500, peer=False)
+    n_fresh = len(calls)
+    plain = fe.ept_fevals(f, z0, "fixed_point", 1e-8, 500)
+    calls.clear()
+    reused = fe.compare_solvers(counted, z0, 1e-8, 500, peer=False, plain=plain)
+    assert reused == fresh
+    assert len(calls) == n_fresh - plain.calls and plain.calls > 20
+
+
 def test_row_ratio_sums_each_sequences_count_and_caps_misses():
     from ept.speed_bench import trained_ratio, trained_row_ratio
 

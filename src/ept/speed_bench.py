@@ -67,16 +67,19 @@ def solver_table(model: EquilibriumLM, batches: list[Tensor], cfg: SpeedConfig) 
     rows = {}
     for name, (m, idx) in fields.items():
         f, z0 = field_of(m, idx)
-        left_out = 0
+        left_out, plain = 0, None
         if name.startswith("trained"):
             # Sequences with no attracting equilibrium within reach have no "F-evals to the same
             # residual": plain iteration never gets there, and a root finder that does sits on a
             # saddle. Counting them at the cap for both solvers pulled the ratio towards 1.
-            keep = fe.attractor_rows(f, z0, cfg.tol, cfg.max_evals)
+            with torch.no_grad():
+                plain = fe.ept_fevals(f, z0, "fixed_point", cfg.tol, cfg.max_evals)
+            keep = fe.settled_rows(plain)
             left_out = int((~keep).sum())
             if 0 < left_out < len(keep):
                 f, z0 = field_of(m, idx[keep])
-        rows[name] = fe.compare_solvers(f, z0, cfg.tol, cfg.max_evals, peer=cfg.peer)
+                plain = None  # another batch: plain iteration runs again on the rows kept
+        rows[name] = fe.compare_solvers(f, z0, cfg.tol, cfg.max_evals, peer=cfg.peer, plain=plain)
         rows[name]["no_attractor"] = left_out
     return rows
 

@@ -115,8 +115,12 @@ def attractor_rows(field_fn: Field, z0: Tensor, tol: float, max_evals: int, eps:
     ``max_evals``. The others have no attracting equilibrium within reach: a root finder may still
     meet the residual there, at a saddle the dynamics never rests at, so "F-evals to the same
     residual" is not defined for them (EP leaves them out of its gradient, by ``drop_res``)."""
-    counter = ept_fevals(field_fn, z0, "fixed_point", tol, max_evals, eps=eps)
-    return torch.tensor([h is not None for h in row_evals(counter)], dtype=torch.bool)
+    return settled_rows(ept_fevals(field_fn, z0, "fixed_point", tol, max_evals, eps=eps))
+
+
+def settled_rows(plain: FevalCounter) -> Tensor:
+    """The rows a plain-iteration count met its residual on (see :func:`attractor_rows`)."""
+    return torch.tensor([h is not None for h in row_evals(plain)], dtype=torch.bool)
 
 
 def row_gap(a: Tensor, b: Tensor) -> Tensor:
@@ -143,8 +147,8 @@ def leaves_equilibrium(field: Callable[[Tensor], Tensor], z_star: Tensor, eps: f
     return row_gap(z, z_star)
 
 
-def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int,
-                    peer: bool = True) -> dict[str, int | float | None]:
+def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int, peer: bool = True,
+                    plain: FevalCounter | None = None) -> dict[str, int | float | None]:
     """F-evaluations to ``tol`` for each ept method and (when installed) TorchDEQ's; None: not reached.
 
     ``rows_ept_<method>`` lists each row's own count (a solve runs until the worst row is done; with
@@ -152,12 +156,14 @@ def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int,
     ``eq_gap`` is :func:`equilibrium_gap` between ept's Anderson and plain-iteration solutions;
     ``anderson_saddles`` counts the sequences where Anderson met the residual at a point plain
     iteration leaves (:func:`leaves_equilibrium`): F-evals to a state the physical dynamics never rests at.
+    ``plain``: plain iteration's count on this same field and start, already taken (it is not rerun).
     """
     out: dict[str, int | float | None] = {}
     ends = {}
     with torch.no_grad():
         for m in EPT_METHODS:
-            counter = ept_fevals(field_fn, z0, m, tol, max_evals)
+            reuse = m == "fixed_point" and plain is not None
+            counter = plain if reuse else ept_fevals(field_fn, z0, m, tol, max_evals)
             out[f"ept_{m}"], ends[m] = evals_to(counter), counter.z
             out[f"rows_ept_{m}"] = row_evals(counter)
         if peer and have_torchdeq():
