@@ -264,3 +264,18 @@ def test_bench_raw_flag_is_spelt_as_in_eval_and_generate(argv, weights, monkeypa
     assert f"weights={weights}" in capsys.readouterr().err
     assert main(["bench", "speed", "--raw", "--weights", "ema"]) == 2
     assert "contradict" in capsys.readouterr().err
+
+
+def test_solver_sweep_counts_only_the_sequences_plain_iteration_settles():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "solver_sweep", Path(__file__).parent.parent / "benchmarks" / "solvers.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    counts = {"plain": [40, None, 90], "anderson": [10, 5, None]}
+    cost, left_out = sweep.batch_cost(counts, max_evals=400)
+    assert left_out == 1  # the second sequence: plain iteration never settled it
+    assert cost == {"plain": (90, 130), "anderson": (400, 410)}  # a miss is charged the cap
+    assert sweep.batch_cost({"plain": [None], "anderson": [3]}, 400) == ({}, 1)
