@@ -270,3 +270,21 @@ def test_a_rollback_replays_on_fresh_batches(tokens, tmp_path, monkeypatch) -> N
     assert summary["finished"] and summary["rollbacks"] == 1
     failed, replay = seen[2][0], seen[3][0]
     assert not torch.equal(failed, replay)
+
+
+def test_an_initial_operator_that_does_not_relax_is_named_not_blamed_on_the_lr(tokens, tmp_path,
+                                                                              monkeypatch) -> None:
+    """Before the first update the operator is the initial one: halving the learning rate cannot
+    change a failing step 0, so its retries keep the rate and the final error names the initial
+    operator and what changes it."""
+    import ept.train as tr
+
+    cfg = small_cfg(tokens, steps=4, max_rollbacks=2)
+    stalled = {"loss": 5.0, "diverged": True, "free_diverged": False, "nudged_diverged": True,
+               "free_unsettled": True, "free_residual_max": 3.1}
+    monkeypatch.setattr(tr, "step_gradient", lambda s, idx, targets: ({}, dict(stalled)))
+    with pytest.raises(tr.TrainingDiverged, match="initial operator does not relax.*--solver broyden"):
+        train(cfg, tokens, tmp_path, log=quiet)
+    events = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    rb = [e for e in events if e.get("event") == "rollback"]
+    assert len(rb) == 2 and all(e["lr_scale"] == 1.0 and e["step"] == 0 for e in rb)

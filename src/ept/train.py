@@ -205,7 +205,7 @@ def divergence(stats: dict[str, Any], state: TrainState, t: TrainConfig) -> str 
         if stats.get("free_unsettled"):
             return (f"no sequence's free phase ended below drop_res (worst residual "
                     f"{stats.get('free_residual_max', math.nan):.3g}): raise --t1max or --drop_res, or try "
-                    "--solver anderson on a stiff operator")
+                    "another --solver (broyden on a stiff operator)")
         if phases:
             return f"the {' and '.join(phases)} phase{'s' if len(phases) > 1 else ''} blew up"
         return "non-finite loss or gradient"
@@ -278,6 +278,9 @@ Update = Callable[[EquilibriumLM, torch.optim.Optimizer, dict[str, Tensor], floa
 
 
 
+NONFINITE_UPDATE = "non-finite weights after the update"
+
+
 class TrainingDiverged(RuntimeError):
     """Divergence persisted through ``max_rollbacks`` rollbacks; the last good checkpoint stays."""
 
@@ -302,14 +305,22 @@ def rollback(s: Session, snapshot: dict[str, Any], reason: str, metrics: Metrics
     very batch after the snapshot would otherwise fail identically however low the learning rate.
     """
     t, failed = s.cfg.train, s.state
+    # Before the first update the operator is the initial one, whatever the learning rate: only a
+    # fresh batch can change the outcome, so the retries keep the learning rate.
+    initial = failed.step == 0 and not reason.startswith(NONFINITE_UPDATE)
     if failed.rollbacks >= t.max_rollbacks:
+        if initial:
+            raise TrainingDiverged(
+                f"the initial operator does not relax: {reason}, on {failed.rollbacks + 1} batches at step 0 "
+                f"(the learning rate is not the cause): try --solver broyden (a stiff field), a smaller "
+                f"--init_std or a larger damping --c")
         raise TrainingDiverged(f"training diverged at step {failed.step} ({reason}) after {failed.rollbacks} "
                                f"rollbacks: lower --lr or turn on a stability control (--resreg, --jacreg)")
     stream = s.batches.get_state()
     load_session_state(s, snapshot)
     s.batches.set_state(stream)
     s.state.rollbacks = failed.rollbacks + 1
-    s.state.lr_scale = failed.lr_scale * t.lr_backoff
+    s.state.lr_scale = failed.lr_scale * (1.0 if initial else t.lr_backoff)
     metrics.write({"event": "rollback", "step": failed.step, "to_step": s.state.step, "reason": reason,
                    "lr_scale": s.state.lr_scale})
     log(f"step {failed.step}: {reason}; rolled back to step {s.state.step}, lr x{s.state.lr_scale:g}")
@@ -403,7 +414,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
         lr = t.lr * s.state.lr_scale * wsd_factor(s.state.step, t.steps, t.warmup, t.wsd)
         if reason is None:
             stats["grad_norm"] = update(s.model, s.optimizer, grads, lr, t.clip)
-            reason = None if weights_finite(s) else "non-finite weights after the update"
+            reason = None if weights_finite(s) else NONFINITE_UPDATE
         if reason is not None:
             rollback(s, snapshot, reason, metrics, log)
             window.clear()
