@@ -8,7 +8,7 @@ This is how the README's "over N trained tiny operators" solver figures were tak
 with ``ept train --seed S --out DIR``, then sweep. Per run, the same ``--batches`` fixed training
 batches as ``ept bench speed`` (B=8 sequences of the run's context length). Only the sequences plain
 iteration settles within ``--max_evals`` count (the others have no attractor within reach, see
-``ept.speed_fevals.attractor_rows``); a variant that misses one is charged ``--max_evals`` there.
+``ept.speed_fevals.settled_rows``); a variant that misses one is charged ``--max_evals`` there.
 
 Two ratios over all runs, each variant's total over plain iteration's:
 - ``batch``: per batch, the F-evals until its slowest counted sequence is done (a batched solve's cost);
@@ -25,25 +25,20 @@ from typing import Any
 
 import torch
 
-import ept
 from ept.cli import UsageError
 from ept.cli.fingerprint import load_run
 from ept.speed import fixed_batch, load_tokens
 from ept.speed_bench import field_of
-from ept.speed_fevals import FevalCounter, Reached, row_evals
+from ept.speed_fevals import ept_fevals, row_evals
 
 DEFAULT_VARIANTS = {"anderson": {"method": "anderson"}, "broyden": {"method": "broyden"}}
 
 
 def row_counts(field, z0: torch.Tensor, opts: dict[str, Any], tol: float, max_evals: int) -> list[int | None]:
     """Each sequence's F-evals to ``tol`` under ``ept.solve(**opts)`` (None: not within max_evals)."""
-    counter = FevalCounter(field, tol, max_evals)
-    try:
-        with torch.no_grad():
-            ept.solve(counter, z0, tol=0.0, max_iter=max_evals, **opts)
-    except Reached:
-        pass
-    return row_evals(counter)
+    opts = dict(opts)
+    with torch.no_grad():
+        return row_evals(ept_fevals(field, z0, opts.pop("method", "anderson"), tol, max_evals, **opts))
 
 
 def batch_cost(counts: dict[str, list[int | None]], max_evals: int) -> tuple[dict[str, tuple[int, int]], int]:

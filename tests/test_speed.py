@@ -212,9 +212,9 @@ def test_counter_records_each_rows_own_count():
     assert capped.hit is None and fe.row_evals(capped).count(None) >= 3
 
 
-def test_attractor_rows_leaves_out_a_sequence_plain_iteration_never_settles():
+def test_settled_rows_leave_out_a_sequence_plain_iteration_never_settles():
     z0 = torch.tensor([[0.0, 0.0], [0.5, 0.0]], dtype=torch.float64)
-    keep = fe.attractor_rows(two_rows_one_without_an_attractor, z0, 1e-6, 300)
+    keep = fe.settled_rows(fe.ept_fevals(two_rows_one_without_an_attractor, z0, "fixed_point", 1e-6, 300))
     assert keep.tolist() == [True, False]
 
 

@@ -68,10 +68,11 @@ class FevalCounter:
 
 
 def ept_fevals(field_fn: Field, z0: Tensor, method: str, tol: float, max_evals: int,
-               eps: float = 0.5) -> FevalCounter:
+               eps: float = 0.5, **opts: Any) -> FevalCounter:
+    """ept's ``method`` (with any further :func:`ept.solve` options) counted to ``tol``."""
     counter = FevalCounter(field_fn, tol, max_evals)
     try:
-        ept.solve(counter, z0, method=method, tol=0.0, max_iter=max_evals, eps=eps)
+        ept.solve(counter, z0, method=method, tol=0.0, max_iter=max_evals, eps=eps, **opts)
     except Reached:
         pass
     return counter
@@ -110,16 +111,11 @@ def row_evals(counter: FevalCounter) -> list[int | None]:
     return [h or None for h in hits]
 
 
-def attractor_rows(field_fn: Field, z0: Tensor, tol: float, max_evals: int, eps: float = 0.5) -> Tensor:
-    """The rows (sequences) plain iteration, the physical relaxation, settles to ``tol`` within
-    ``max_evals``. The others have no attracting equilibrium within reach: a root finder may still
-    meet the residual there, at a saddle the dynamics never rests at, so "F-evals to the same
-    residual" is not defined for them (EP leaves them out of its gradient, by ``drop_res``)."""
-    return settled_rows(ept_fevals(field_fn, z0, "fixed_point", tol, max_evals, eps=eps))
-
-
 def settled_rows(plain: FevalCounter) -> Tensor:
-    """The rows a plain-iteration count met its residual on (see :func:`attractor_rows`)."""
+    """The rows (sequences) that plain iteration, the physical relaxation, settled to the counter's
+    residual. The others have no attracting equilibrium within reach: a root finder may still meet
+    the residual there, at a saddle the dynamics never rests at, so "F-evals to the same residual"
+    is not defined for them (EP leaves them out of its gradient, by ``drop_res``)."""
     return torch.tensor([h is not None for h in row_evals(plain)], dtype=torch.bool)
 
 

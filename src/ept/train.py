@@ -307,7 +307,7 @@ def rollback(s: Session, snapshot: dict[str, Any], reason: str, metrics: Metrics
     t, failed = s.cfg.train, s.state
     # Before the first update the operator is the initial one, whatever the learning rate: only a
     # fresh batch can change the outcome, so the retries keep the learning rate.
-    initial = failed.step == 0 and not reason.startswith(NONFINITE_UPDATE)
+    initial = failed.step == 0 and reason != NONFINITE_UPDATE
     if failed.rollbacks >= t.max_rollbacks:
         if initial:
             raise TrainingDiverged(
