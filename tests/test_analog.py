@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ept
+from ept import checkpoint as ckpt
 from ept.analog import (
     CLAIM,
     AnalogTile,
@@ -233,6 +235,49 @@ def test_seeded_analog_runs_are_reproducible() -> None:
     assert la == lb
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not torch.equal(a["attn.q.weight"], c["attn.q.weight"])
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("pulse_mode", ["stochastic", "ideal"])
+def test_substrate_state_round_trips_through_a_checkpoint(pulse_mode: str) -> None:
+    """Rebuilt on other weights and given a step's checkpointed state, a substrate continues exactly
+    as the one that never stopped (stochastic trains draw from the write generator; ideal writes keep
+    no devices, only the read weights)."""
+    idx, targets = _batch()
+    ep = EPConfig(estimator="centred", asym="none", T2=4)
+    solver = SolverConfig(T1=4, t1max=4)  # the noisy periphery never meets a tight tolerance: cap it
+    cfg = analog_config("rram_es", pulse_mode=pulse_mode)
+    model = _model()
+    sub = SimulatedSubstrate(model, cfg, solver, ep, seed=3)
+    opt, ledger = torch.optim.AdamW(model.parameters(), lr=5e-3), WriteLedger()
+    analog_step(sub, idx, targets, opt, ep, ledger)
+    tensors: dict[str, torch.Tensor] = {}
+    live = {"sub": sub.state_dict(), "ledger": ledger.state_dict(), "opt": opt.state_dict(),
+            "model": model.state_dict()}
+    tree = json.loads(json.dumps(ckpt.flatten(live, tensors)))  # what a checkpoint keeps, nothing shared
+    saved = ckpt.unflatten(tree, {k: v.clone() for k, v in tensors.items()})
+    a = analog_step(sub, idx, targets, opt, ep, ledger)
+
+    other = _model(seed=5)  # another initial scale per matrix: it must come from the state
+    sub2 = SimulatedSubstrate(other, cfg, solver, ep, seed=3)
+    for tile in sub2.tiles.values():  # and other device-to-device variation
+        if tile.dev is not None:
+            tile.dev = sample_devices(cfg.device, tuple(tile.g.shape), torch.Generator().manual_seed(9))
+    other.load_state_dict(saved["model"])
+    sub2.load_state_dict(saved["sub"])
+    opt2, ledger2 = torch.optim.AdamW(other.parameters(), lr=5e-3), WriteLedger()
+    opt2.load_state_dict(saved["opt"])
+    ledger2.load_state_dict(saved["ledger"])
+    b = analog_step(sub2, idx, targets, opt2, ep, ledger2)
+    assert a.loss == b.loss and a.pulses.keys() == b.pulses.keys()
+    for name in a.pulses:
+        assert torch.equal(a.pulses[name], b.pulses[name]), name
+        assert torch.equal(sub.tiles[name].weight, sub2.tiles[name].weight), name
+        assert torch.equal(ledger.counts[name], ledger2.counts[name]), name
+    for (name, p), q in zip(model.named_parameters(), other.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="read-noise pool"):  # another seed draws another pool
+        SimulatedSubstrate(_model(), cfg, solver, ep, seed=4).load_state_dict(saved["sub"])
 
 
 def test_complex_contour_is_refused_on_a_noisy_substrate() -> None:

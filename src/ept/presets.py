@@ -101,9 +101,13 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     preset: str = ""
     flags: dict[str, Any] = field(default_factory=dict)  # what was given on the command line, verbatim
+    analog: dict[str, Any] | None = None  # ept.analog.AnalogConfig fields of an --analog run
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["analog"] is None:  # a digital run's config.json stays readable by versions without analog
+            del d["analog"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:

@@ -2,7 +2,8 @@
 
 Everything a step changes lives in a :class:`Session`; :func:`session_state` turns it into one
 nested dict (checkpointed by :mod:`ept.checkpoint`, and kept in memory as the rollback point), so
-a resumed run is bit-identical to an uninterrupted one on CPU.
+a resumed run is bit-identical to an uninterrupted one on CPU. An analog run's devices and write
+ledger live beside it in an :class:`AnalogSession`, checkpointed with it.
 """
 
 from __future__ import annotations
@@ -229,11 +230,14 @@ def eval_model(s: Session) -> Predictor:
     return Predictor.for_run(model, s.cfg)
 
 
-def save(s: Session, run: Path) -> Path:
+def save(s: Session, run: Path, analog: AnalogSession | None = None) -> Path:
     weights = {"model": s.model.state_dict()}
     if s.ema is not None:
         weights["ema"] = s.ema.weights()
-    return ckpt.save_checkpoint(run, s.state.step, weights, session_state(s), keep=s.cfg.train.keep)
+    state = session_state(s)
+    if analog is not None:
+        state["analog"] = analog.state_dict()
+    return ckpt.save_checkpoint(run, s.state.step, weights, state, keep=s.cfg.train.keep)
 
 
 class MetricsLog:
@@ -347,7 +351,46 @@ def _finish(
     return {**final, "sample": text}
 
 
-def analog_session(s: Session, analog: AnalogConfig) -> tuple[Update, Callable[[], Any], WriteLedger]:
+@dataclass
+class AnalogSession:
+    """The simulated hardware of an analog run. Its state is checkpointed beside the Session's but
+    is not part of the rollback snapshot: a rollback restores the digital state only, and the devices
+    and the ledger keep the pulses the rolled-back steps fired."""
+
+    cfg: AnalogConfig
+    substrate: SimulatedSubstrate
+    ledger: WriteLedger
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.cfg.to_dict(), "substrate": self.substrate.state_dict(),
+                "ledger": self.ledger.state_dict()}
+
+    def load_state_dict(self, st: dict[str, Any] | None, where: str) -> None:
+        """Restore the devices, generators and ledger of checkpoint ``where``; CheckpointError (one
+        line) when it has none or they belong to other analog settings."""
+        if st is None:
+            raise ckpt.CheckpointError(
+                f"checkpoint '{where}' holds no analog device state (written by a digital run, or by an ept "
+                "that did not checkpoint devices): it cannot continue an analog run; start a new run")
+        try:
+            saved = AnalogConfig.from_dict(st["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ckpt.CheckpointError(f"checkpoint '{where}' has unreadable analog settings ({e}): use "
+                                       "another ckpt-* folder, or start a new run") from None
+        if saved != self.cfg:
+            raise ckpt.CheckpointError(
+                f"checkpoint '{where}' holds devices of other analog settings (preset {saved.preset}) than "
+                f"the run's ({self.cfg.preset}): restore the run's config.json, or start a new run")
+        try:
+            self.substrate.load_state_dict(st["substrate"])
+            self.ledger.load_state_dict(st["ledger"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ckpt.CheckpointError(
+                f"checkpoint '{where}' has unusable analog device state ({e}): use another ckpt-* folder, "
+                "or start a new run") from None
+
+
+def analog_session(s: Session, analog: AnalogConfig) -> tuple[Update, Callable[[], Any], AnalogSession]:
     """Put the block's matrices on simulated devices: the gradient is taken with the analog forward
     (every matrix–vector product of both phases through the periphery), and each optimizer step
     is programmed into the devices as pulses, counted by the write ledger."""
@@ -360,7 +403,7 @@ def analog_session(s: Session, analog: AnalogConfig) -> tuple[Update, Callable[[
         ledger.record(sub.apply_pulses({n: p.detach() for n, p in model.named_parameters()}))
         return norm
 
-    return program, sub.analog_forward, ledger
+    return program, sub.analog_forward, AnalogSession(analog, sub, ledger)
 
 
 def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: bool = False,
@@ -371,7 +414,8 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
 
     ``stop_after`` ends this session after that step (checkpointed, as an interruption would);
     the schedule still runs to ``cfg.train.steps``. ``analog`` runs the block on simulated devices
-    (EP only; the summary gains the write ledger's figures).
+    (EP only; the summary gains the write ledger's figures; checkpoints hold the devices and the
+    ledger, so a resume must be given the run's own ``analog``).
     """
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
@@ -382,11 +426,18 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
             cfg.train = dataclasses.replace(cfg.train, div_res=math.inf)
             cfg.ep = dataclasses.replace(cfg.ep, drop_res=math.inf)
     s, t = build_session(cfg), cfg.train
-    forward, ledger = contextlib.nullcontext, None
+    forward, devices = contextlib.nullcontext, None
     if analog is not None:
-        update, forward, ledger = analog_session(s, analog)
+        update, forward, devices = analog_session(s, analog)
     if resume:
-        load_session_state(s, ckpt.load_checkpoint(run).state)
+        loaded = ckpt.load_checkpoint(run)
+        if devices is None and loaded.state.get("analog") is not None:
+            raise ckpt.CheckpointError(
+                f"checkpoint '{loaded.path}' holds the devices of an analog run but is resumed without its "
+                "analog settings: resume with 'ept train --resume', which reads them from its config.json")
+        load_session_state(s, loaded.state)
+        if devices is not None:  # after the Session: it puts the devices' weights back into the model
+            devices.load_state_dict(loaded.state.get("analog"), str(loaded.path))
         log(f"resuming {run} at step {s.state.step}/{t.steps}")
     elif init_weights is not None:
         ckpt.load_weights_into(s.model, init_weights, "--init_ckpt")
@@ -443,7 +494,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
         if step % t.ckpt_every == 0 or step == end:
             s.state.seconds = base_seconds + time.time() - t0
             if run is not None:
-                save(s, run)
+                save(s, run, devices)
         if step % t.log_every == 0 and s.state.bad_steps == 0:
             snapshot = session_state(s)  # the rollback point: recent, and with a converging free phase
     s.state.seconds = base_seconds + time.time() - t0
@@ -456,8 +507,8 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
         final = _finish(s, data, run, metrics, log)
         summary.update(val_ce=final["val_ce"], tokens=final["tokens"], sample=final["sample"],
                        unigram_ce=unigram_ce(data.train, data.valid, data.vocab_size))
-    if ledger is not None:
-        summary.update(run_summary(ledger))
-        log(project(ledger.summary(), ledger.steps)["verdict"])
+    if devices is not None:
+        summary.update(run_summary(devices.ledger))
+        log(project(devices.ledger.summary(), devices.ledger.steps)["verdict"])
     summary["model"] = s.model
     return summary

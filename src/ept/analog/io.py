@@ -18,6 +18,7 @@ the read weights and the quantised inputs, never a zero derivative.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,14 @@ class NoisePool:
     def __init__(self, generator: torch.Generator, size: int = 1 << 22):
         self.generator = generator
         self.pool = torch.randn(size, generator=generator)
+        self._digest: str | None = None
+
+    def fingerprint(self) -> str:
+        """sha256 of the pool. A checkpoint stores this instead of the pool (16 MiB at the default
+        size): the pool is redrawn from the seed, and the digest proves the redraw is the same."""
+        if self._digest is None:
+            self._digest = hashlib.sha256(self.pool.numpy().tobytes()).hexdigest()
+        return self._digest
 
     def take(self, shape: torch.Size, dtype: torch.dtype) -> Tensor:
         n = shape.numel()

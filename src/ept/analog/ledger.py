@@ -7,6 +7,7 @@ run of the seed's canonical recipe (32,000 steps) needs at most 10^8 writes on a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -31,6 +32,13 @@ class WriteLedger:
 
     def summary(self) -> dict[str, float]:
         return write_stats(self.counts)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "steps": self.steps}
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        self.counts = {name: c.clone() for name, c in st["counts"].items()}
+        self.steps = int(st["steps"])
 
 
 def write_stats(counts: dict[str, Tensor]) -> dict[str, float]:

@@ -24,7 +24,7 @@ from typing import Any
 from ept.analog.devices import DeviceConfig
 from ept.analog.io import IOConfig
 from ept.analog.update import UpdateConfig
-from ept.config import unknown_option_error
+from ept.config import from_options, unknown_option_error
 
 
 @dataclass
@@ -38,6 +38,24 @@ class AnalogConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AnalogConfig:
+        """Inverse of :meth:`to_dict` (a run's saved analog settings); TypeError for a field this
+        version does not know, ValueError for a missing section or a bad value."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in names:
+                raise unknown_option_error("analog config", key, sorted(names))
+        missing = sorted(names - set(d))
+        if missing:
+            raise ValueError(f"analog config lacks {', '.join(missing)}")
+        return cls(
+            str(d["preset"]),
+            from_options(DeviceConfig, dict(d["device"]), "analog device"),
+            from_options(IOConfig, dict(d["io"]), "analog io"),
+            from_options(UpdateConfig, dict(d["update"]), "analog update"),
+        )
 
 
 _PERIPHERY = IOConfig(inp_bits=7, out_bits=9, out_bound=20.0, out_noise=0.1, w_noise=0.0)

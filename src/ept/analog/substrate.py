@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -154,6 +154,43 @@ class SimulatedSubstrate:
                 pulses[name] = tile.program(proposed[name])
                 params[name].copy_(tile.weight)
         return pulses
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Every tile's devices and counters and the three generators' states: with these a
+        substrate built from the same config and seed continues bit for bit. The read-noise pool
+        is deterministic in the seed, so only its size and digest are kept."""
+        pool = None if self.noise is None else {"size": self.noise.pool.numel(),
+                                                 "sha256": self.noise.fingerprint()}
+        return {
+            "rng": {"init": self.init_gen.get_state(), "read": self.read_gen.get_state(),
+                    "write": self.write_gen.get_state()},
+            "noise_pool": pool,
+            "tiles": {name: tile.state_dict() for name, tile in self.tiles.items()},
+        }
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output and put what the devices hold back into the model.
+        ValueError (one line) when it does not fit this substrate's matrices, periphery or seed."""
+        if set(st["tiles"]) != set(self.tiles):
+            raise ValueError(f"its crossbars {sorted(st['tiles'])} are not this model's {sorted(self.tiles)}")
+        mine = None if self.noise is None else {"size": self.noise.pool.numel(),
+                                                 "sha256": self.noise.fingerprint()}
+        if st["noise_pool"] != mine:
+            raise ValueError("its read-noise pool differs from the one this seed draws here (another "
+                             "periphery, seed or torch version)")
+        for name, tile in self.tiles.items():
+            try:
+                tile.load_state_dict(st["tiles"][name])
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        self.init_gen.set_state(st["rng"]["init"])
+        self.read_gen.set_state(st["rng"]["read"])
+        self.write_gen.set_state(st["rng"]["write"])
+        params = self.parameters()
+        with torch.no_grad():
+            for name, tile in self.tiles.items():
+                params[name].copy_(tile.weight)
 
     # ---------------------------------------------------------------- helpers
     def _nudged(self, x: Tensor, nudge: Nudge) -> tuple[Tensor, SolveStats]:

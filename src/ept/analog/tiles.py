@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from ept.analog.devices import DeviceConfig, apply_pulse_train, sample_devices
+from ept.analog.devices import DeviceConfig, DeviceState, apply_pulse_train, sample_devices
 from ept.analog.update import UpdateConfig, sign_pulses, stochastic_pulses, threshold_pulses
 
 
@@ -85,3 +88,31 @@ class AnalogTile:
         pulses = self.pulses_for(delta_g)
         self.apply(pulses)
         return pulses
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a write changes or initialisation drew, as tensors and floats (the shared
+        write generator belongs to the substrate). ``scale`` is saved, not recomputed: it belongs to
+        the weights the run started from, not to whatever a restoring tile was built on."""
+        st: dict[str, Any] = {"scale": self.scale, "writes": self.writes, "acc": self.acc,
+                              "weight": self.weight}
+        if self.dev is not None:
+            st.update(g=self.g, g_read=self.g_read,
+                      dev={f.name: getattr(self.dev, f.name) for f in dataclasses.fields(DeviceState)})
+        return st
+
+    def load_state_dict(self, st: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output; ValueError when it is from another crossbar shape or
+        update scheme (pulsed devices vs exact writes)."""
+        shape = tuple(self.weight.shape)
+        if tuple(st["weight"].shape) != shape:
+            raise ValueError(f"crossbar is {tuple(st['weight'].shape)} there but {shape} here")
+        if (self.dev is None) != ("dev" not in st):
+            raise ValueError("saved with another pulse_mode (exact writes vs pulsed devices)")
+        self.scale = float(st["scale"])
+        self.writes, self.acc = st["writes"].clone(), st["acc"].clone()
+        self.weight = st["weight"].clone()
+        if self.dev is not None:
+            names = [f.name for f in dataclasses.fields(DeviceState)]
+            self.dev = DeviceState(**{name: st["dev"][name].clone() for name in names})
+            self.g, self.g_read = st["g"].clone(), st["g_read"].clone()

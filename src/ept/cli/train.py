@@ -20,6 +20,7 @@ from ept import checkpoint as ckpt
 from ept.analog import AnalogConfig
 from ept.analog.cli_args import add_arguments as add_analog_arguments
 from ept.analog.cli_args import config_from_args as analog_config_from_args
+from ept.analog.cli_args import overrides_from_args as analog_overrides_from_args
 from ept.cli import UsageError
 from ept.config import EPTConfig
 from ept.data import DataError, TokenData, load_corpus, prepare
@@ -305,7 +306,38 @@ def _given(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _analog_flags_given(args: argparse.Namespace) -> list[str]:
+    given = ["analog"] if args.analog is not None else []
+    given += list(analog_overrides_from_args(args))
+    if getattr(args, "analog_seed", 0) != 0:  # its default is 0, not "absent"
+        given.append("analog_seed")
+    return given
+
+
+def saved_analog(cfg: RunConfig) -> AnalogConfig | None:
+    """The analog settings a run was started with, from its config.json (None: a digital run)."""
+    if cfg.analog is None:
+        return None
+    try:
+        return AnalogConfig.from_dict(cfg.analog)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise UsageError(
+            f"the run's {CONFIG_FILE} has an unreadable analog section ({e}): restore it, or start a new run"
+        ) from None
+
+
 def analog_from_args(args: argparse.Namespace, cfg: RunConfig, resuming: bool) -> AnalogConfig | None:
+    if resuming:
+        # As with every other flag: the devices were built from the saved settings, so a resume
+        # takes them from config.json and refuses any analog flag rather than silently ignore it.
+        saved, given = saved_analog(cfg), _analog_flags_given(args)
+        if given:
+            fixed = f"--analog {saved.preset}" if saved is not None else "a digital run"
+            raise UsageError(
+                f"--{given[0]} cannot change when resuming (the run's {CONFIG_FILE} fixes its analog "
+                f"settings: {fixed}): drop it, or start a new run"
+            )
+        return saved
     try:
         analog = analog_config_from_args(args)
     except ValueError as e:
@@ -315,10 +347,6 @@ def analog_from_args(args: argparse.Namespace, cfg: RunConfig, resuming: bool) -
     if cfg.train.mode != "ep":
         raise UsageError(
             f"--analog simulates EP's in-situ update: use --mode ep, not --mode {cfg.train.mode}"
-        )
-    if resuming:
-        raise UsageError(
-            "--analog runs cannot be resumed yet (device state is not checkpointed): start a new run"
         )
     return analog
 
@@ -382,6 +410,7 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         cfg = resolve_new(flags)
         analog = analog_from_args(args, cfg, resuming=False)
+        cfg.analog = None if analog is None else analog.to_dict()  # what a --resume rebuilds the devices from
         run = out or Path("runs") / f"{cfg.preset}-{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
         open_new_folder(run)
         data = load_data(cfg, _say)
