@@ -126,3 +126,19 @@ def test_inject_rejects_too_long_sequences():
     model = small_model()
     with pytest.raises(ValueError, match="exceeds"):
         model.inject(torch.zeros(1, 9, dtype=torch.long))
+
+
+@pytest.mark.parametrize("emb_std", [0.0, 1.0])
+def test_embeddings_take_emb_std_and_every_linear_map_init_std(emb_std):
+    torch.manual_seed(0)
+    model = EquilibriumLM(EPTConfig(vocab_size=512, C=64, H=4, T=64, init_std=0.02, emb_std=emb_std))
+    want = emb_std or 0.02
+    for emb in (model.wte, model.wpe):
+        assert abs(emb.weight.std().item() / want - 1) < 0.05
+    for lin in (model.attn.q, model.ffn.fc1, model.head):
+        assert abs(lin.weight.std().item() / 0.02 - 1) < 0.05
+
+
+def test_a_negative_emb_std_is_refused():
+    with pytest.raises(ValueError, match="emb_std"):
+        EPTConfig(emb_std=-1.0)

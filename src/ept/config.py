@@ -46,6 +46,10 @@ class EPTConfig:
     bias: bool = True
     ln_eps: float = 1e-5
     init_std: float = 0.02
+    # The token and position embeddings' std (0: init_std). x = wte + wpe sets the scale of z*, and
+    # LayerNorm's Jacobian is 1/std(z): embeddings at 0.02 make LN amplify the block's Jacobian by
+    # ~1/0.02 at init, which at C=512 pushes it past the damping (the relaxation never settles).
+    emb_std: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "C", "H", "T", "ffn_mult"):
@@ -56,6 +60,9 @@ class EPTConfig:
             raise ValueError(f"EPTConfig: C={self.C} is not divisible by H={self.H}; pick H dividing C")
         if self.c < 0:
             raise ValueError(f"EPTConfig.c is the damping leak and must be >= 0, got {self.c}")
+        if self.init_std <= 0 or self.emb_std < 0:
+            raise ValueError(f"EPTConfig needs init_std > 0 and emb_std >= 0 (0: init_std), got "
+                             f"init_std={self.init_std}, emb_std={self.emb_std}")
         if self.attn_mode not in ATTN_MODES:
             raise ValueError(f"EPTConfig.attn_mode '{self.attn_mode}' is not one of {ATTN_MODES}")
 

@@ -94,9 +94,11 @@ class EquilibriumLM(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        emb_std = self.cfg.emb_std or self.cfg.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=self.cfg.init_std)
+                std = emb_std if isinstance(module, nn.Embedding) else self.cfg.init_std
+                nn.init.normal_(module.weight, std=std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
 

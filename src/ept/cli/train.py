@@ -28,6 +28,7 @@ from ept.presets import CONTROL_FLAGS, PRESETS, RunConfig, resolve
 from ept.train import CONFIG_FILE, TrainConfig, TrainingDiverged, train, write_run_files
 
 HELP = {
+    "emb_std": "std of the token and position embeddings (0: init_std; every preset: 1.0)",
     "mode": "ep (equilibrium propagation), bptt (backprop through the relaxation), bp (explicit)",
     "steps": "optimizer steps",
     "B": "batch size (sequences)",
@@ -154,7 +155,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=HELP["vocab_size"],
     )
     _add_dataclass_flags(
-        model, EPTConfig, ("C", "H", "T", "c", "qknorm", "attn_mode", "ffn_mult", "ln_f", "init_std")
+        model, EPTConfig,
+        ("C", "H", "T", "c", "qknorm", "attn_mode", "ffn_mult", "ln_f", "init_std", "emb_std"),
     )
     phase = p.add_argument_group("free and nudged phases")
     for name, typ in (
