@@ -280,6 +280,21 @@ def test_substrate_state_round_trips_through_a_checkpoint(pulse_mode: str) -> No
         SimulatedSubstrate(_model(), cfg, solver, ep, seed=4).load_state_dict(saved["sub"])
 
 
+def test_a_non_finite_proposal_fires_no_pulse() -> None:
+    """A NaN increment would become INT_MIN pulses (negative write counts) and a NaN threshold
+    accumulator that never recovers: the substrate refuses it before touching any device."""
+    model = _model()
+    sub = SimulatedSubstrate(model, analog_config("rram_es"), SOLVER, EPConfig())
+    before = {n: (t.g.clone(), t.acc.clone(), t.writes.clone()) for n, t in sub.tiles.items()}
+    proposed = {n: p.detach().clone() for n, p in model.named_parameters()}
+    proposed["ffn.fc2.weight"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="ffn.fc2.weight: non-finite"):
+        sub.apply_pulses(proposed)
+    for name, tile in sub.tiles.items():
+        for old, new in zip(before[name], (tile.g, tile.acc, tile.writes), strict=True):
+            assert torch.equal(old, new), name
+
+
 def test_complex_contour_is_refused_on_a_noisy_substrate() -> None:
     idx, targets = _batch()
     ep = EPConfig(estimator="holomorphic", holo=4, T2=4)

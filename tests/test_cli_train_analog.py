@@ -1,21 +1,27 @@
-"""``ept train --analog PRESET``: the ledger's figures in the JSON summary, refused combinations, and an
-exact resume of the devices."""
+"""``ept train --analog PRESET``: the ledger's figures in the JSON summary, refused combinations, an
+exact resume of the devices, --analog_seed, a warm start programmed into the devices, and a rollback
+that reprograms them."""
 
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from test_cli_train import SMALL, _usage_error
-from test_train import write_corpus
+from test_train import quiet, small_cfg, write_corpus
 
+import ept.train as tr
 from ept import checkpoint as ckpt
+from ept.analog import AnalogConfig, analog_config
 from ept.cli import main
+from ept.data import load_corpus, prepare
+from ept.model import EquilibriumLM
 
 
 def test_analog_run_reports_the_write_ledger(tmp_path, capsys, monkeypatch):
@@ -41,13 +47,16 @@ def test_analog_flags_are_refused_where_they_do_not_apply(tmp_path, capsys, monk
     assert "--mode ep" in capsys.readouterr().err
     assert main(["train", *SMALL, "--out_bits", "6"]) == 2
     assert "without --analog" in capsys.readouterr().err
+    assert main(["train", *SMALL, "--analog_seed", "3"]) == 2
+    assert "--analog_seed set without --analog" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
 # ------------------------------------------------------------------------------------- resume
 # --wsd 0: the schedule then does not depend on --steps, so a run extended on resume matches one
-# started with the longer --steps.
-ANALOG = [*SMALL, "--analog", "rram_es", "--wsd", "0", "--json"]
+# started with the longer --steps. --analog_seed differs from --seed: a resume that rebuilt the devices
+# from --seed would draw another read-noise pool and be refused.
+ANALOG = [*SMALL, "--analog", "rram_es", "--analog_seed", "7", "--wsd", "0", "--json"]
 
 
 def _train(argv: list[str]) -> dict:
@@ -117,6 +126,7 @@ def test_resume_takes_the_analog_settings_from_the_run_and_refuses_flags(analog_
     split = str(analog_runs["split"])
     config = json.loads((analog_runs["split"] / "config.json").read_text())
     assert config["analog"]["preset"] == "rram_es" and config["analog"]["device"]["response"] == "exp_step"
+    assert config["analog"]["seed"] == 7  # what --resume rebuilds the devices from
     refused = (["--analog", "ecram"], ["--analog", "rram_es"], ["--out_bits", "6"], ["--analog_seed", "3"])
     for flags in refused:
         line = _usage_error(capsys, ["train", "--resume", split, *flags],
@@ -149,3 +159,153 @@ def test_analog_checkpoint_that_does_not_fit_the_run_is_refused(analog_runs, tmp
     config["analog"]["device"]["dw_min"] *= 2  # config.json edited after the devices were built
     (run / "config.json").write_text(json.dumps(config))
     _usage_error(capsys, ["train", "--resume", str(run)], "other analog settings", "restore")
+
+
+# ------------------------------------------------------------------ the library: seed, warm start, rollback
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    return prepare(load_corpus(write_corpus(tmp_path_factory.mktemp("corpus"))), 300)
+
+
+def _spy_devices(monkeypatch) -> list[dict]:
+    """Each train() call's Session and AnalogSession, and the model's weights just before the devices
+    were built."""
+    seen: list[dict] = []
+    real = tr.analog_session
+
+    def spy(s, analog):
+        before = {k: v.clone() for k, v in s.model.state_dict().items()}
+        out = real(s, analog)
+        seen.append({"session": s, "devices": out[2], "before": before})
+        return out
+
+    monkeypatch.setattr(tr, "analog_session", spy)
+    return seen
+
+
+def test_an_analog_config_without_a_seed_takes_the_runs() -> None:
+    assert AnalogConfig().device_seed(5) == 5 and analog_config("ecram", seed=7).device_seed(5) == 7
+    legacy = analog_config("rram_es").to_dict()
+    del legacy["seed"]  # a config.json written before --analog_seed was saved
+    assert AnalogConfig.from_dict(legacy) == analog_config("rram_es")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_analog_seed_draws_other_devices_from_the_same_init_and_data(tokens, monkeypatch) -> None:
+    seen = _spy_devices(monkeypatch)
+    batches: list[list[torch.Tensor]] = []
+    real_batch = tr.get_batch
+    monkeypatch.setattr(tr, "get_batch",
+                        lambda *a, **k: batches[-1].append(real_batch(*a, **k)) or batches[-1][-1])
+    for analog_seed in (0, 7):
+        batches.append([])
+        tr.train(small_cfg(tokens), tokens, analog=analog_config("rram_es", seed=analog_seed), stop_after=1,
+                 log=quiet)
+    a, b = seen
+    for k, v in a["before"].items():  # --seed alone sets the initial weights ...
+        assert torch.equal(v, b["before"][k]), k
+    for x, y in zip(batches[0][0], batches[1][0], strict=True):  # ... and the data order
+        assert torch.equal(x, y)
+    for name, ta in a["devices"].substrate.tiles.items():
+        tb = b["devices"].substrate.tiles[name]
+        assert ta.scale == tb.scale  # the same initial weights map to the same conductance scale
+        assert not torch.equal(ta.dev.scale_up, tb.dev.scale_up), name  # other device-to-device variation
+        assert not torch.equal(ta.dev.bound_max, tb.dev.bound_max), name
+    noise = [x["devices"].substrate.noise.fingerprint() for x in seen]
+    assert noise[0] != noise[1]  # and other read noise
+
+
+@pytest.fixture(scope="module")
+def warm(tokens, tmp_path_factory) -> dict[str, torch.Tensor]:
+    """A tiny trained checkpoint from another --seed than the runs it warm-starts (seed 0), so its
+    weights are far from their random init."""
+    run = tmp_path_factory.mktemp("warm")
+    tr.train(small_cfg(tokens, mode="bp", seed=1, steps=2, ckpt_every=2), tokens, run, log=quiet)
+    return ckpt.load_checkpoint(run, only=("model",)).weights["model"]
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("preset", ["ideal", "ecram", "rram_es"])
+def test_init_ckpt_programs_the_devices_from_the_warm_start(tokens, warm, monkeypatch, preset: str) -> None:
+    """What the devices read right after setup is the warm start up to what programming can do:
+    exactly with exact writes (ideal); to float32 rounding of w/scale·scale without write noise
+    (ecram, whose device bounds lie far outside the initial range); and with write noise (rram_es)
+    the persistent conductances are exactly the warm start clipped to each device's own bounds."""
+    seen = _spy_devices(monkeypatch)
+    cfg = small_cfg(tokens)
+    tr.train(cfg, tokens, init_weights=warm, analog=analog_config(preset), stop_after=0, log=quiet)
+    s, devices = seen[0]["session"], seen[0]["devices"]
+    torch.manual_seed(cfg.train.seed)
+    random_init = EquilibriumLM(cfg.model).state_dict()
+    params = dict(s.model.named_parameters())
+    for name, tile in devices.substrate.tiles.items():
+        w = warm[name]
+        assert float((w - random_init[name]).abs().max()) > 1e-2  # the test can tell the two apart
+        assert torch.equal(params[name].detach(), tile.weight), name  # the model holds what the devices read
+        assert torch.equal(s.ema.weights()[name], tile.weight), name  # and the EMA averages from there
+        span = min(devices.cfg.device.w_max, -devices.cfg.device.w_min) * devices.cfg.update.omega
+        assert tile.scale == float(w.abs().max()) / span  # the scale belongs to the warm start
+        if preset == "ideal":
+            assert torch.equal(tile.weight, w), name
+        elif preset == "ecram":
+            torch.testing.assert_close(tile.weight, w, rtol=1e-6, atol=0.0)
+        else:
+            g = torch.minimum(torch.maximum(w / tile.scale, tile.dev.bound_min), tile.dev.bound_max)
+            assert torch.equal(tile.g, g), name
+            assert torch.equal(tile.weight, tile.g_read * tile.scale), name
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize(("preset", "poisoned"), [("ecram", "head.weight"), ("rram_es", "attn.q.weight")])
+def test_a_rollback_reprograms_the_devices(tokens, tmp_path, monkeypatch, preset: str, poisoned: str) -> None:
+    """A non-finite update (in a digital tensor, or in one on the devices) rolls the run back; the
+    devices are then reprogrammed toward the snapshot, those pulses are counted, the model holds what
+    the devices read, and no tile state is left non-finite."""
+    seen = _spy_devices(monkeypatch)
+    calls = {"n": 0}
+    real_update = tr.apply_update
+
+    def poisoned_update(model, optimizer, grads, lr, clip):
+        calls["n"] += 1
+        norm = real_update(model, optimizer, grads, lr, clip)
+        if calls["n"] == 4:  # steps 1-2, the snapshot at step 2, step 3, then the 4th update blows up
+            with torch.no_grad():
+                dict(model.named_parameters())[poisoned].fill_(math.nan)
+        return norm
+
+    monkeypatch.setattr(tr, "apply_update", poisoned_update)
+    checks: list[dict] = []
+    real_rollback = tr.rollback
+
+    def checked_rollback(s, snapshot, *args, **kwargs):
+        devices = seen[0]["devices"]
+        tiles = devices.substrate.tiles
+        at_failure = {name: tile.weight.clone() for name, tile in tiles.items()}
+        writes, steps = devices.ledger.summary()["writes_total"], devices.ledger.steps
+        real_rollback(s, snapshot, *args, **kwargs)
+        params = dict(s.model.named_parameters())
+        for name, tile in tiles.items():
+            assert torch.equal(params[name].detach(), tile.weight), name
+            for key in ("acc", "g", "g_read", "weight"):
+                assert bool(torch.isfinite(getattr(tile, key)).all()), (name, key)
+            assert bool((tile.writes >= 0).all()) and torch.equal(devices.ledger.counts[name], tile.writes)
+        checks.append({"at_failure": at_failure, "snapshot": {k: snapshot["model"][k] for k in tiles},
+                       "after": {k: t.weight.clone() for k, t in tiles.items()},
+                       "added": devices.ledger.summary()["writes_total"] - writes,
+                       "steps_added": devices.ledger.steps - steps})
+
+    monkeypatch.setattr(tr, "rollback", checked_rollback)
+    summary = tr.train(small_cfg(tokens, steps=6, log_every=2, ckpt_every=6), tokens, tmp_path,
+                       analog=analog_config(preset), log=quiet)
+    assert summary["finished"] and summary["rollbacks"] == 1 and len(checks) == 1
+    check = checks[0]
+    events = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    (rb,) = [e for e in events if e.get("event") == "rollback"]
+    assert rb["to_step"] == 2 and rb["reprogram_writes"] > 0  # step 3's pulses were undone ...
+    # ... and counted as writes, but not as an optimizer step.
+    assert check["added"] == rb["reprogram_writes"] and check["steps_added"] == 0
+    if preset == "ecram":  # without write noise the reversed pulses land the devices near the snapshot
+        for name, snap in check["snapshot"].items():
+            moved = float((check["at_failure"][name] - snap).abs().sum())
+            left = float((check["after"][name] - snap).abs().sum())
+            assert left < 0.5 * moved, name

@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -302,11 +302,12 @@ def _window_record(window: list[dict[str, Any]], step: int, lr: float, it_s: flo
 
 
 def rollback(s: Session, snapshot: dict[str, Any], reason: str, metrics: MetricsLog,
-             log: Callable[[str], None]) -> None:
+             log: Callable[[str], None], devices: AnalogSession | None = None) -> None:
     """Back to the last good state with a lower learning rate; give up after max_rollbacks.
 
     The replay draws fresh batches (the batch stream is not rewound): a step that failed on the
     very batch after the snapshot would otherwise fail identically however low the learning rate.
+    An analog run's devices are reprogrammed toward the snapshot (:meth:`AnalogSession.roll_back`).
     """
     t, failed = s.cfg.train, s.state
     # Before the first update the operator is the initial one, whatever the learning rate: only a
@@ -325,9 +326,24 @@ def rollback(s: Session, snapshot: dict[str, Any], reason: str, metrics: Metrics
     s.batches.set_state(stream)
     s.state.rollbacks = failed.rollbacks + 1
     s.state.lr_scale = failed.lr_scale * (1.0 if initial else t.lr_backoff)
-    metrics.write({"event": "rollback", "step": failed.step, "to_step": s.state.step, "reason": reason,
-                   "lr_scale": s.state.lr_scale})
-    log(f"step {failed.step}: {reason}; rolled back to step {s.state.step}, lr x{s.state.lr_scale:g}")
+    event = {"event": "rollback", "step": failed.step, "to_step": s.state.step, "reason": reason,
+             "lr_scale": s.state.lr_scale}
+    devices_note = ""
+    if devices is not None:  # after the Session: the model then takes what the reprogrammed devices read
+        event["reprogram_writes"] = devices.roll_back(snapshot["devices"])
+        devices_note = f", devices reprogrammed with {event['reprogram_writes']} pulses"
+    metrics.write(event)
+    log(f"step {failed.step}: {reason}; rolled back to step {s.state.step}, lr x{s.state.lr_scale:g}"
+        f"{devices_note}")
+
+
+def rollback_point(s: Session, devices: AnalogSession | None) -> dict[str, Any]:
+    """What :func:`rollback` returns to: the Session's state and, in an analog run, the controller's
+    record of the devices (:meth:`AnalogSession.rollback_point`)."""
+    st = session_state(s)
+    if devices is not None:
+        st["devices"] = devices.rollback_point()
+    return st
 
 
 def _evaluate(s: Session, data: TokenData, max_batches: int | None) -> dict[str, Any]:
@@ -353,13 +369,49 @@ def _finish(
 
 @dataclass
 class AnalogSession:
-    """The simulated hardware of an analog run. Its state is checkpointed beside the Session's but
-    is not part of the rollback snapshot: a rollback restores the digital state only, and the devices
-    and the ledger keep the pulses the rolled-back steps fired."""
+    """The simulated hardware of an analog run and the controller's record of what it fired. Its state
+    is checkpointed beside the Session's.
+
+    A rollback reprograms the devices, as it would have to on hardware, rather than restoring a
+    saved device state: the controller fires the reverse of every pulse since the rollback point
+    (``fired``) and puts its threshold accumulators back to their values there. Those pulses wear
+    the devices, so the ledger counts them (not as optimizer steps), and the devices' real steps
+    land near, not on, the rollback point's weights; the model then takes what the devices read.
+    The generators run on: noise is not rewound. An update with non-finite weights fires nothing
+    (it is rolled back), so no device or accumulator ever sees a NaN.
+    """
 
     cfg: AnalogConfig
     substrate: SimulatedSubstrate
     ledger: WriteLedger
+    fired: dict[str, Tensor] = field(default_factory=dict)  # signed pulses since the rollback point
+
+    def program(self, model: EquilibriumLM, optimizer: torch.optim.Optimizer, grads: dict[str, Tensor],
+                lr: float, clip: float) -> float:
+        """An :data:`Update`: the optimizer step, then its result programmed into the devices."""
+        norm = apply_update(model, optimizer, grads, lr, clip)
+        proposed = {n: p.detach() for n, p in model.named_parameters()}
+        if all(bool(torch.isfinite(p).all()) for p in proposed.values()):  # else train() rolls it back
+            pulses = self.substrate.apply_pulses(proposed)
+            self.ledger.record(pulses)
+            for name, p in pulses.items():
+                self.fired[name] = self.fired[name] + p if name in self.fired else p.to(torch.int64)
+        return norm
+
+    def rollback_point(self) -> dict[str, Any]:
+        """Mark the devices' present state as the one a rollback returns to; what it needs besides."""
+        self.fired = {}
+        return {"acc": self.substrate.accumulators()}
+
+    def roll_back(self, point: dict[str, Any]) -> int:
+        """Reprogram the devices toward ``point`` (after the Session's state is restored); returns
+        the pulses fired, which the ledger has counted."""
+        fired = {name: self.fired.get(name, torch.zeros(tile.acc.shape, dtype=torch.int64))
+                 for name, tile in self.substrate.tiles.items()}
+        pulses = self.substrate.undo(fired, point["acc"])
+        self.ledger.record(pulses, step=False)
+        self.fired = {}
+        return int(sum(int(p.abs().sum()) for p in pulses.values()))
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": self.cfg.to_dict(), "substrate": self.substrate.state_dict(),
@@ -379,8 +431,9 @@ class AnalogSession:
                                        "another ckpt-* folder, or start a new run") from None
         if saved != self.cfg:
             raise ckpt.CheckpointError(
-                f"checkpoint '{where}' holds devices of other analog settings (preset {saved.preset}) than "
-                f"the run's ({self.cfg.preset}): restore the run's config.json, or start a new run")
+                f"checkpoint '{where}' holds devices of other analog settings (preset {saved.preset}, seed "
+                f"{saved.seed}) than the run's ({self.cfg.preset}, seed {self.cfg.seed}): restore the run's "
+                "config.json, or start a new run")
         try:
             self.substrate.load_state_dict(st["substrate"])
             self.ledger.load_state_dict(st["ledger"])
@@ -391,19 +444,15 @@ class AnalogSession:
 
 
 def analog_session(s: Session, analog: AnalogConfig) -> tuple[Update, Callable[[], Any], AnalogSession]:
-    """Put the block's matrices on simulated devices: the gradient is taken with the analog forward
-    (every matrix–vector product of both phases through the periphery), and each optimizer step
-    is programmed into the devices as pulses, counted by the write ledger."""
-    sub = SimulatedSubstrate(s.model, analog, s.cfg.solver, s.cfg.ep, seed=s.cfg.train.seed)
-    ledger = WriteLedger()
-
-    def program(model: EquilibriumLM, optimizer: torch.optim.Optimizer, grads: dict[str, Tensor],
-                lr: float, clip: float) -> float:
-        norm = apply_update(model, optimizer, grads, lr, clip)
-        ledger.record(sub.apply_pulses({n: p.detach() for n, p in model.named_parameters()}))
-        return norm
-
-    return program, sub.analog_forward, AnalogSession(analog, sub, ledger)
+    """Put the block's matrices on simulated devices, programmed from the model's present weights:
+    the gradient is taken with the analog forward (every matrix–vector product of both phases
+    through the periphery), and each optimizer step is programmed into the devices as pulses,
+    counted by the write ledger. The devices and their noise are drawn from ``analog.seed`` (0: the
+    run's seed), which leaves the initial weights and the data order to the run's seed alone."""
+    seed = analog.device_seed(s.cfg.train.seed)
+    sub = SimulatedSubstrate(s.model, analog, s.cfg.solver, s.cfg.ep, seed=seed)
+    devices = AnalogSession(analog, sub, WriteLedger())
+    return devices.program, sub.analog_forward, devices
 
 
 def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: bool = False,
@@ -426,6 +475,9 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
             cfg.train = dataclasses.replace(cfg.train, div_res=math.inf)
             cfg.ep = dataclasses.replace(cfg.ep, drop_res=math.inf)
     s, t = build_session(cfg), cfg.train
+    if init_weights is not None and not resume:
+        # Before the devices: they are programmed from the weights the run starts from.
+        ckpt.load_weights_into(s.model, init_weights, "--init_ckpt")
     forward, devices = contextlib.nullcontext, None
     if analog is not None:
         update, forward, devices = analog_session(s, analog)
@@ -439,10 +491,10 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
         if devices is not None:  # after the Session: it puts the devices' weights back into the model
             devices.load_state_dict(loaded.state.get("analog"), str(loaded.path))
         log(f"resuming {run} at step {s.state.step}/{t.steps}")
-    elif init_weights is not None:
-        ckpt.load_weights_into(s.model, init_weights, "--init_ckpt")
-        if s.ema is not None:
-            s.ema = ParamEMA(s.model, t.pema)  # average from the warm start, not the random init
+    elif s.ema is not None and (init_weights is not None or devices is not None):
+        # Average from the weights the run starts from (the warm start, as the devices read it), not
+        # from the random init the EMA was built on.
+        s.ema = ParamEMA(s.model, t.pema)
     metrics = MetricsLog(run, s.state.step if resume else None)
     diagnose = None
     if t.diag_cos > 0:
@@ -453,7 +505,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
         first = _evaluate(s, data, t.eval_batches)
         first_val = last_val = first["val_ce"]
         metrics.write({"step": 0, **first})
-    snapshot, base_seconds, t0 = session_state(s), s.state.seconds, time.time()
+    snapshot, base_seconds, t0 = rollback_point(s, devices), s.state.seconds, time.time()
     window: list[dict[str, Any]] = []
     tick, tick_step = time.time(), s.state.step
     end = t.steps if stop_after is None else min(t.steps, stop_after)
@@ -467,7 +519,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
             stats["grad_norm"] = update(s.model, s.optimizer, grads, lr, t.clip)
             reason = None if weights_finite(s) else NONFINITE_UPDATE
         if reason is not None:
-            rollback(s, snapshot, reason, metrics, log)
+            rollback(s, snapshot, reason, metrics, log, devices)
             window.clear()
             tick, tick_step = time.time(), s.state.step
             continue
@@ -496,7 +548,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
             if run is not None:
                 save(s, run, devices)
         if step % t.log_every == 0 and s.state.bad_steps == 0:
-            snapshot = session_state(s)  # the rollback point: recent, and with a converging free phase
+            snapshot = rollback_point(s, devices)  # recent, and with a converging free phase
     s.state.seconds = base_seconds + time.time() - t0
     summary = {
         "steps": s.state.step, "seconds": round(s.state.seconds, 2), "val_ce": last_val,
@@ -509,6 +561,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
                        unigram_ce=unigram_ce(data.train, data.valid, data.vocab_size))
     if devices is not None:
         summary.update(run_summary(devices.ledger))
-        log(project(devices.ledger.summary(), devices.ledger.steps)["verdict"])
+        if devices.ledger.steps:  # no step, no rate to project
+            log(project(devices.ledger.summary(), devices.ledger.steps)["verdict"])
     summary["model"] = s.model
     return summary

@@ -1,7 +1,8 @@
 """``--analog PRESET`` and one flag per device, periphery and update field, for any ``ept`` command.
 
     add_arguments(parser)                 # --analog, --dw_min, --out_bits, --fnoise, ...
-    cfg = config_from_args(args)          # None without --analog; the preset with the flags applied
+    cfg = config_from_args(args)          # None without --analog; the preset with the flags (and
+                                          # --analog_seed) applied
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "preset's value")
     group.add_argument("--analog", choices=list(PRESETS), default=None,
                        help="device preset: " + ", ".join(PRESETS))
-    group.add_argument("--analog_seed", type=int, default=0, help="seed of device variation and noise")
+    group.add_argument("--analog_seed", type=int, default=0,
+                       help="seed of device-to-device variation and read/write noise (0: --seed); "
+                       "--seed alone still sets the initial weights and the data order")
     for name, parse, owner in _fields():
         flags = [f"--{name}"] + [f"--{a}" for a, target in ALIASES.items() if target == name]
         group.add_argument(*flags, dest=f"analog_{name}", type=parse, default=None, help=f"{owner}.{name}")
@@ -59,10 +62,11 @@ def config_from_args(args: argparse.Namespace) -> AnalogConfig | None:
     """The analog configuration the flags ask for; ValueError (one line) for a bad value, and an
     override without ``--analog`` is refused rather than silently ignored."""
     overrides = overrides_from_args(args)
+    seed = getattr(args, "analog_seed", 0)
     if args.analog is None:
-        if overrides:
-            flags = ", ".join(f"--{k}" for k in overrides)
+        if overrides or seed:
+            flags = ", ".join(f"--{k}" for k in [*overrides, *(["analog_seed"] if seed else [])])
             raise ValueError(f"{flags} set without --analog: add --analog PRESET "
                              f"(one of {', '.join(PRESETS)})")
         return None
-    return analog_config(args.analog, **overrides)
+    return analog_config(args.analog, seed=seed, **overrides)

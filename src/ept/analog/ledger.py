@@ -24,11 +24,13 @@ class WriteLedger:
     counts: dict[str, Tensor] = field(default_factory=dict)
     steps: int = 0
 
-    def record(self, pulses: dict[str, Tensor]) -> None:
+    def record(self, pulses: dict[str, Tensor], *, step: bool = True) -> None:
+        """Count ``pulses``; ``step=False`` for writes that are no optimizer step (a rollback's
+        reprogramming): they wear the devices but do not enter the per-step rate."""
         for name, p in pulses.items():
             n = p.abs().to(torch.int64)
             self.counts[name] = self.counts[name] + n if name in self.counts else n.clone()
-        self.steps += 1
+        self.steps += int(step)
 
     def summary(self) -> dict[str, float]:
         return write_stats(self.counts)

@@ -29,12 +29,20 @@ from ept.config import from_options, unknown_option_error
 
 @dataclass
 class AnalogConfig:
-    """A device class, its periphery and its update scheme, under one preset name."""
+    """A device class, its periphery and its update scheme, under one preset name, and the seed that
+    draws one instance of it (``ept train --analog_seed``)."""
 
     preset: str = "ideal"
     device: DeviceConfig = field(default_factory=DeviceConfig)
     io: IOConfig = field(default_factory=IOConfig)
     update: UpdateConfig = field(default_factory=lambda: UpdateConfig(pulse_mode="ideal"))
+    # Seeds the device-to-device variation and the read and write noise of an ``ept train`` run; 0
+    # takes the run's --seed (what runs saved before this field did, so their config.json still fits).
+    seed: int = 0
+
+    def device_seed(self, run_seed: int) -> int:
+        """The seed the simulated devices are drawn from in a run seeded with ``run_seed``."""
+        return self.seed or run_seed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -47,14 +55,18 @@ class AnalogConfig:
         for key in d:
             if key not in names:
                 raise unknown_option_error("analog config", key, sorted(names))
-        missing = sorted(names - set(d))
+        missing = sorted(names - set(d) - {"seed"})  # saved before the seed was: 0, the run's --seed
         if missing:
             raise ValueError(f"analog config lacks {', '.join(missing)}")
+        seed = d.get("seed", 0)
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"analog seed must be an integer, got {seed!r}")
         return cls(
             str(d["preset"]),
             from_options(DeviceConfig, dict(d["device"]), "analog device"),
             from_options(IOConfig, dict(d["io"]), "analog io"),
             from_options(UpdateConfig, dict(d["update"]), "analog update"),
+            seed,
         )
 
 
@@ -117,8 +129,9 @@ def override_names() -> dict[str, str]:
     return out
 
 
-def analog_config(preset: str = "ideal", **overrides: Any) -> AnalogConfig:
-    """The named preset with ``overrides`` (any device, io or update field, or ``fnoise``) applied.
+def analog_config(preset: str = "ideal", *, seed: int = 0, **overrides: Any) -> AnalogConfig:
+    """The named preset with ``overrides`` (any device, io or update field, or ``fnoise``) applied,
+    drawn with ``seed`` (0: the run's --seed).
 
     Raises ValueError for an unknown preset or invalid value, TypeError for an unknown field name.
     """
@@ -137,4 +150,5 @@ def analog_config(preset: str = "ideal", **overrides: Any) -> AnalogConfig:
         dataclasses.replace(base.device, **parts["device"]),
         dataclasses.replace(base.io, **parts["io"]),
         dataclasses.replace(base.update, **parts["update"]),
+        seed,
     )

@@ -148,10 +148,32 @@ class SimulatedSubstrate:
 
     def apply_pulses(self, proposed: dict[str, Tensor]) -> dict[str, Tensor]:
         params = self.parameters()
+        for name in self.tiles:
+            # A NaN increment becomes INT_MIN pulses (negative write counts) and a NaN accumulator
+            # that never recovers: refuse before any device is touched.
+            if not bool(torch.isfinite(proposed[name]).all()):
+                raise ValueError(f"{name}: non-finite weights proposed; no pulses fired")
         pulses = {}
         with torch.no_grad():
             for name, tile in self.tiles.items():
                 pulses[name] = tile.program(proposed[name])
+                params[name].copy_(tile.weight)
+        return pulses
+
+    def accumulators(self) -> dict[str, Tensor]:
+        """Every tile's threshold accumulator (digital memory of the controller), as copies."""
+        return {name: tile.acc.clone() for name, tile in self.tiles.items()}
+
+    def undo(self, fired: dict[str, Tensor], acc: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Reverse the signed pulses ``fired`` per tile since a rollback point whose accumulators were
+        ``acc`` (:meth:`AnalogTile.undo`; tiles with exact writes rewrite the model's weights, which
+        the caller has already restored); returns the pulses fired. The model then holds what the
+        devices read."""
+        params = self.parameters()
+        pulses = {}
+        with torch.no_grad():
+            for name, tile in self.tiles.items():
+                pulses[name] = tile.undo(fired[name], acc[name], params[name].detach())
                 params[name].copy_(tile.weight)
         return pulses
 

@@ -89,6 +89,23 @@ class AnalogTile:
         self.apply(pulses)
         return pulses
 
+    def undo(self, fired: Tensor, acc: Tensor, target: Tensor) -> Tensor:
+        """Reprogram toward an earlier state (a training rollback): fire the reverse of ``fired``, the
+        signed pulses since then, as one train, and put the threshold accumulator back to ``acc``, its
+        value then; returns the pulses fired. Exact writes (no devices) write ``target`` instead.
+
+        Reversing the controller's own pulses, rather than programming toward the earlier read,
+        does not chase the write noise of either read; the devices' real steps (asymmetric, state
+        dependent, noisy, clipped at the bounds) land them near, not on, the earlier state.
+        """
+        if self.dev is None:
+            return self.program(target)
+        self.acc = acc.clone()
+        pulses = (-fired).to(torch.int32)
+        if bool(pulses.any()):  # nothing to undo fires nothing and draws no write noise
+            self.apply(pulses)
+        return pulses
+
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Everything a write changes or initialisation drew, as tensors and floats (the shared
