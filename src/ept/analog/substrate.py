@@ -147,17 +147,14 @@ class SimulatedSubstrate:
         return grads, loss
 
     def apply_pulses(self, proposed: dict[str, Tensor]) -> dict[str, Tensor]:
-        params = self.parameters()
         for name in self.tiles:
             # A NaN increment becomes INT_MIN pulses (negative write counts) and a NaN accumulator
             # that never recovers: refuse before any device is touched.
             if not bool(torch.isfinite(proposed[name]).all()):
                 raise ValueError(f"{name}: non-finite weights proposed; no pulses fired")
-        pulses = {}
         with torch.no_grad():
-            for name, tile in self.tiles.items():
-                pulses[name] = tile.program(proposed[name])
-                params[name].copy_(tile.weight)
+            pulses = {name: tile.program(proposed[name]) for name, tile in self.tiles.items()}
+        self._read_into_model()
         return pulses
 
     def accumulators(self) -> dict[str, Tensor]:
@@ -170,11 +167,10 @@ class SimulatedSubstrate:
         the caller has already restored); returns the pulses fired. The model then holds what the
         devices read."""
         params = self.parameters()
-        pulses = {}
         with torch.no_grad():
-            for name, tile in self.tiles.items():
-                pulses[name] = tile.undo(fired[name], acc[name], params[name].detach())
-                params[name].copy_(tile.weight)
+            pulses = {name: tile.undo(fired[name], acc[name], params[name].detach())
+                      for name, tile in self.tiles.items()}
+        self._read_into_model()
         return pulses
 
     # ---------------------------------------------------------------- checkpoints
@@ -182,12 +178,10 @@ class SimulatedSubstrate:
         """Every tile's devices and counters and the three generators' states: with these a
         substrate built from the same config and seed continues bit for bit. The read-noise pool
         is deterministic in the seed, so only its size and digest are kept."""
-        pool = None if self.noise is None else {"size": self.noise.pool.numel(),
-                                                 "sha256": self.noise.fingerprint()}
         return {
             "rng": {"init": self.init_gen.get_state(), "read": self.read_gen.get_state(),
                     "write": self.write_gen.get_state()},
-            "noise_pool": pool,
+            "noise_pool": self._pool_id(),
             "tiles": {name: tile.state_dict() for name, tile in self.tiles.items()},
         }
 
@@ -196,9 +190,7 @@ class SimulatedSubstrate:
         ValueError (one line) when it does not fit this substrate's matrices, periphery or seed."""
         if set(st["tiles"]) != set(self.tiles):
             raise ValueError(f"its crossbars {sorted(st['tiles'])} are not this model's {sorted(self.tiles)}")
-        mine = None if self.noise is None else {"size": self.noise.pool.numel(),
-                                                 "sha256": self.noise.fingerprint()}
-        if st["noise_pool"] != mine:
+        if st["noise_pool"] != self._pool_id():
             raise ValueError("its read-noise pool differs from the one this seed draws here (another "
                              "periphery, seed or torch version)")
         for name, tile in self.tiles.items():
@@ -209,6 +201,15 @@ class SimulatedSubstrate:
         self.init_gen.set_state(st["rng"]["init"])
         self.read_gen.set_state(st["rng"]["read"])
         self.write_gen.set_state(st["rng"]["write"])
+        self._read_into_model()
+
+    def _pool_id(self) -> dict[str, Any] | None:
+        if self.noise is None:
+            return None
+        return {"size": self.noise.pool.numel(), "sha256": self.noise.fingerprint()}
+
+    def _read_into_model(self) -> None:
+        """The model takes what the devices read (after every write, undo or restore)."""
         params = self.parameters()
         with torch.no_grad():
             for name, tile in self.tiles.items():
