@@ -173,9 +173,9 @@ def _spy_devices(monkeypatch) -> list[dict]:
     seen: list[dict] = []
     real = tr.analog_session
 
-    def spy(s, analog):
+    def spy(s, analog, update=None):
         before = {k: v.clone() for k, v in s.model.state_dict().items()}
-        out = real(s, analog)
+        out = real(s, analog, update)
         seen.append({"session": s, "devices": out[2], "before": before})
         return out
 
@@ -253,6 +253,24 @@ def test_init_ckpt_programs_the_devices_from_the_warm_start(tokens, warm, monkey
             g = torch.minimum(torch.maximum(w / tile.scale, tile.dev.bound_min), tile.dev.bound_max)
             assert torch.equal(tile.g, g), name
             assert torch.equal(tile.weight, tile.g_read * tile.scale), name
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_analog_run_programs_the_update_it_is_given(tokens) -> None:
+    """train(update=...) is the digital step an analog run programs: a step that halves the learning
+    rate is the one called, and its (halved) result is what the devices are asked to write."""
+    calls: list[float] = []
+
+    def half_lr(model, optimizer, grads, lr, clip):
+        calls.append(lr)
+        return tr.apply_update(model, optimizer, grads, lr / 2, clip)
+
+    half = tr.train(small_cfg(tokens, steps=2, log_every=2, ckpt_every=2), tokens,
+                    analog=analog_config("ecram"), update=half_lr, log=quiet)
+    assert len(calls) == 2
+    full = tr.train(small_cfg(tokens, steps=2, log_every=2, ckpt_every=2), tokens,
+                    analog=analog_config("ecram"), log=quiet)
+    assert 0 < half["writes_total"] < full["writes_total"]
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -368,25 +368,29 @@ def _finish(
     return {**final, "sample": text}
 
 
-def analog_session(s: Session, analog: AnalogConfig) -> tuple[Update, Callable[[], Any], AnalogSession]:
+def analog_session(s: Session, analog: AnalogConfig, update: Update | None = None
+                   ) -> tuple[Update, Callable[[], Any], AnalogSession]:
     """Put the block's matrices on simulated devices, programmed from the model's present weights:
     the gradient is taken with the analog forward (every matrix–vector product of both phases
     through the periphery), and each optimizer step is programmed into the devices as pulses,
     counted by the write ledger. The devices and their noise are drawn from ``analog.seed`` (0: the
-    run's seed), which leaves the initial weights and the data order to the run's seed alone."""
+    run's seed), which leaves the initial weights and the data order to the run's seed alone.
+    ``update`` is the digital optimizer step whose result is programmed (default :func:`apply_update`)."""
     seed = analog.device_seed(s.cfg.train.seed)
     sub = SimulatedSubstrate(s.model, analog, s.cfg.solver, s.cfg.ep, seed=seed)
-    devices = AnalogSession(analog, sub, WriteLedger(), apply_update)
+    devices = AnalogSession(analog, sub, WriteLedger(), update or apply_update)
     return devices.program, sub.analog_forward, devices
 
 
 def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: bool = False,
           init_weights: dict[str, Tensor] | None = None, stop_after: int | None = None,
-          log: Callable[[str], None] = _stderr, update: Update = apply_update,
+          log: Callable[[str], None] = _stderr, update: Update | None = None,
           analog: AnalogConfig | None = None) -> dict[str, Any]:
     """Train (or, with ``resume``, continue the run in ``run``); returns the run summary.
 
-    ``stop_after`` ends this session after that step (checkpointed, as an interruption would);
+    ``update`` is the optimizer step (default :func:`apply_update`; in an analog run, the digital
+    step whose result is programmed into the devices). ``stop_after`` ends this session after that
+    step (checkpointed, as an interruption would);
     the schedule still runs to ``cfg.train.steps``. ``analog`` runs the block on simulated devices
     (EP only; the summary gains the write ledger's figures; checkpoints hold the devices and the
     ledger, so a resume must be given the run's own ``analog``).
@@ -403,9 +407,11 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
     if init_weights is not None and not resume:
         # Before the devices: they are programmed from the weights the run starts from.
         ckpt.load_weights_into(s.model, init_weights, "--init_ckpt")
+    # Looked up at call time, not bound as a default, so a substituted module-level step is used.
+    update = update or apply_update
     forward, devices = contextlib.nullcontext, None
     if analog is not None:
-        update, forward, devices = analog_session(s, analog)
+        update, forward, devices = analog_session(s, analog, update)
     if resume:
         loaded = ckpt.load_checkpoint(run)
         if devices is None and loaded.state.get("analog") is not None:
