@@ -116,6 +116,7 @@ def test_broyden_nudged_phase_keeps_ep_matching_implicit():
 @pytest.mark.parametrize("argv, message", [
     (["bench", "--preset", "nope"], "--preset 'nope' is unknown"),
     (["bench", "speed", "--repeats", "0"], "--repeats must be a positive integer"),
+    (["bench", "speed", "--starts", "0"], "--starts must be a positive integer"),
     (["bench", "speed", "--set", "t2sle=10"], "did you mean 't2sel'"),
     (["bench", "speed", "--set", "t2sel"], "is not key=value"),
 ])
@@ -180,6 +181,53 @@ def test_peer_comparison_takes_each_librarys_best_solver_plain_iteration_include
     assert _best(row, "ept_") == 58 and _best(row, "torchdeq_") == 58
     assert _vs_peer(_best(row, "ept_"), _best(row, "torchdeq_")) == 1.0
     assert _vs_peer(None, 5) == float("inf") and _vs_peer(None, None) is None
+
+
+def test_peer_target_is_judged_on_the_sum_over_fields_and_the_worst_field_is_reported():
+    """One row where ept's best took twice TorchDEQ's, others where it took fewer: the sum decides,
+    a row only one library solved is charged the cap for the other, a row neither solved is left out."""
+    from ept.speed_bench import peer_ratios
+
+    def row(ept: int | None, peer: int | None) -> dict:
+        return {"ept_fixed_point": None, "ept_anderson": ept, "ept_broyden": None,
+                "torchdeq_broyden": peer, "torchdeq_anderson": None}
+
+    table = {"a": row(80, 40), "b": row(30, 50), "c": row(None, 100), "d": row(20, None),
+             "e": row(None, None)}
+    r = peer_ratios(table, cap=400)
+    assert r["ept_over_torchdeq_fevals"] == pytest.approx((80 + 30 + 400 + 20) / (40 + 50 + 100 + 400))
+    assert r["ept_over_torchdeq_fevals_worst_field"] == float("inf")  # row c: only TorchDEQ got there
+    assert r["ept_anderson_over_torchdeq_fevals"] == r["ept_over_torchdeq_fevals"]
+    assert peer_ratios({"e": row(None, None)}, cap=400)["ept_over_torchdeq_fevals"] is None
+
+
+def test_each_field_is_solved_from_z0_and_from_starts_a_rounding_error_away(monkeypatch):
+    """Start 0 is z = 0 itself; start k is 1e-6 away, the same on every call (a seeded draw), and the
+    table gets a row per field and start. An operator trained with embeddings at 1.0 also gets the
+    random fields at the library's default embedding scale (the hard ones)."""
+    from ept.model import EPTConfig, EquilibriumLM
+    from ept.speed import SpeedConfig
+    from ept.speed_bench import START_NOISE, solver_fields, solver_table, start_point
+
+    z0 = torch.zeros(2, 3, 4)
+    assert start_point(z0, 0) is z0
+    a, b = start_point(z0, 1), start_point(z0, 2)
+    assert torch.equal(a, start_point(z0, 1)) and not torch.equal(a, b)
+    assert 0 < a.abs().max() < 10 * START_NOISE
+    cfg = SpeedConfig(scales=(2.0,), starts=2, peer=False)
+    model = EquilibriumLM(EPTConfig(vocab_size=16, C=8, H=2, T=4, emb_std=1.0))
+    idx = torch.randint(0, 16, (2, 4), generator=torch.Generator().manual_seed(0))
+    fields = solver_fields(model, [idx], cfg)
+    assert list(fields) == ["trained b0", "random x2", "random x2 e0.02"]
+    assert fields["random x2 e0.02"][0].cfg.emb_std == 0.0
+    starts = []
+    monkeypatch.setattr(fe, "compare_solvers", lambda f, z, *a, **k: starts.append(z.clone()) or {})
+    table = solver_table(model, [idx], cfg)
+    assert list(table) == ["trained b0", "trained b0 s1", "random x2", "random x2 s1",
+                           "random x2 e0.02", "random x2 e0.02 s1"]
+    assert torch.equal(starts[0], torch.zeros_like(starts[0])) and 0 < starts[1].abs().max() < 1e-5
+    default = EquilibriumLM(EPTConfig(vocab_size=16, C=8, H=2, T=4))
+    assert list(solver_fields(default, [idx], cfg)) == ["trained b0", "random x2"]
 
 
 def test_an_equilibrium_plain_iteration_leaves_is_told_from_an_attractor():

@@ -52,6 +52,10 @@ class SpeedConfig:
     max_evals: int = 400
     solver_batches: int = 4  # batches of the trained operator: timed, F-evals and cosines on each
     scales: tuple[float, ...] = (2.0, 3.0, 4.0)  # random fields with weights ×scale for the peer column
+    # Every field is solved from z = 0 and from starts-1 points 1e-6 away: on a trained operator one
+    # slow sequence's count moves by 2x under a perturbation that small (float rounding alone does
+    # it: ept's and TorchDEQ's Broyden are the same method), so a single start is one draw of that.
+    starts: int = 3
     lr: float = 1e-3  # the optimizer-free update's step (its cost is what counts, not its value)
     threads: int = 0  # torch threads (0: torch's default)
     peer: bool = True  # TorchDEQ column, when installed

@@ -121,6 +121,8 @@ def _speed_args(p: argparse.ArgumentParser, top: bool = False) -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the field")
     p.add_argument("--no_peer", action="store_true", help="skip the TorchDEQ column")
     p.add_argument("--no_memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--starts", type=int, default=3,
+                   help="start points per field of the F-eval table: z = 0, then points 1e-6 away")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="an EP option over the preset's (repeatable), e.g. --set t2sel=10 --set asym=none")
 
@@ -138,7 +140,7 @@ def run_speed_part(args: argparse.Namespace) -> int:
 
     if args.preset not in PRESETS:
         raise UsageError(f"--preset {args.preset!r} is unknown: choose one of {', '.join(PRESETS)}")
-    for name in ("repeats", "T1", "train_steps"):
+    for name in ("repeats", "T1", "train_steps", "starts"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
     from ept.speed import preset_setup
@@ -149,7 +151,7 @@ def run_speed_part(args: argparse.Namespace) -> int:
     try:
         cfg = SpeedConfig(preset=args.preset, T1=args.T1, repeats=args.repeats, train_steps=args.train_steps,
                           threads=args.threads, peer=not args.no_peer, memory=not args.no_memory,
-                          ep_set=parse_set(args.set))
+                          starts=args.starts, ep_set=parse_set(args.set))
         preset_setup(args.preset, cfg.ep_set)  # refuse a bad --set before any work
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
