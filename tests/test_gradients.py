@@ -71,7 +71,7 @@ def test_gmres_and_anderson_adjoints_agree(problem):
     assert cos > 1 - 1e-10 and rel == pytest.approx(1, abs=1e-8)
 
 
-@pytest.mark.parametrize("asym", ["fixed", "track"])
+@pytest.mark.parametrize("asym", ["fixed", "track", "linear"])
 def test_ep_centred_with_asymep_matches_implicit(problem, asym):
     model, idx, tgt, oracle = problem
     grads, stats = ept.gradient(model, idx, tgt, route="ep", asym=asym, **EP_TIGHT)
@@ -154,10 +154,13 @@ def test_asymep_correction_matters_on_a_nonconservative_operator(nonconservative
     plain, _ = ept.gradient(model, idx, tgt, route="ep", asym="none", **EP_TIGHT)
     fixed, _ = ept.gradient(model, idx, tgt, route="ep", asym="fixed", **EP_TIGHT)
     track, _ = ept.gradient(model, idx, tgt, route="ep", asym="track", **EP_TIGHT)
+    linear, _ = ept.gradient(model, idx, tgt, route="ep", asym="linear", **EP_TIGHT)
     cos_plain, _ = compare(plain, oracle)
     cos_fixed, rel_fixed = compare(fixed, oracle)
     cos_track, _ = compare(track, oracle)
-    assert cos_fixed >= 0.999 and cos_track >= 0.999
+    cos_linear, rel_linear = compare(linear, oracle)
+    assert cos_fixed >= 0.999 and cos_track >= 0.999 and cos_linear >= 0.999
+    assert rel_linear == pytest.approx(1.0, abs=0.01)
     assert rel_fixed == pytest.approx(1.0, abs=0.01)
     assert cos_plain < 0.99  # without the correction EP follows J⁻¹, not J⁻ᵀ
     assert (1 - cos_plain) > 100 * (1 - cos_fixed)

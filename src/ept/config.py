@@ -154,7 +154,7 @@ class BPTTConfig:
 
 
 ESTIMATORS = ("onesided", "centred", "holomorphic")
-ASYM = ("none", "fixed", "track")
+ASYM = ("none", "fixed", "track", "linear")
 
 
 @dataclass

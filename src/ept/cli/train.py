@@ -56,7 +56,7 @@ HELP = {
     "holo": "holomorphic N-point estimator (2 = centred)",
     "hr": "nudge strength beta / contour radius",
     "track": "AsymEP correction linearised at the current state",
-    "asym": "AsymEP correction: none|fixed|track",
+    "asym": "AsymEP correction: none|fixed|track|linear (the nudged phase of F's linearisation at z*)",
     "t2sel": "adaptive nudged phase, capped at this many steps",
     "T2": "fixed nudged steps (without --t2sel)",
     "t2_tol": "adaptive T2: stop when the estimate changes less than this",
