@@ -111,6 +111,37 @@ def test_divergence_names_the_rows_that_blew_up():
     assert st.diverged and st.unstable.tolist() == [False, True, False]
 
 
+def _blows_up_at(calls: set[int], row: int, f):
+    """``f`` whose value on ``row`` is 1e12 on the listed calls (1-based): a wild point on that row."""
+    n = {"calls": 0}
+
+    def g(z):
+        n["calls"] += 1
+        out = f(z)
+        if n["calls"] in calls:
+            out = out.clone()
+            out[row] = 1e12
+        return out
+
+    return g
+
+
+@pytest.mark.parametrize("method", ["anderson", "broyden"])
+def test_a_secant_solve_puts_a_blown_up_row_back_at_its_best_point(method):
+    """A row that blows up once under a secant solver is put back at its lowest-residual point, its
+    history forgotten, and the solve goes on to the exact solution; plain iteration, the dynamics
+    itself, still reports divergence. A row that keeps blowing up is divergence after two resets."""
+    f, exact = linear_problem(rows=3)
+    z0 = torch.zeros_like(exact)
+    z, st = ept.solve(_blows_up_at({6}, 1, f), z0, method=method, tol=1e-10, max_iter=300)
+    assert st.converged and not st.diverged and st.recovered == 1
+    assert torch.allclose(z, exact, atol=1e-8)
+    _, plain = ept.solve(_blows_up_at({6}, 1, f), z0, method="fixed_point", tol=1e-10, max_iter=300)
+    assert plain.diverged and plain.unstable.tolist() == [False, True, False]
+    _, again = ept.solve(_blows_up_at({6, 9, 12}, 2, f), z0, method=method, tol=1e-10, max_iter=300)
+    assert again.diverged and again.recovered == 2 and again.unstable.tolist() == [False, False, True]
+
+
 def test_monitor_stops_early():
     f, exact = linear_problem()
     calls = []

@@ -71,6 +71,7 @@ class SolveStats:
     unstable: Tensor | None = None  # on divergence: the rows (sequences) that blew up
     done: Tensor | None = None  # rows frozen before the end: converged, or flagged by the monitor
     flagged: Tensor | None = None  # rows the monitor flagged (a subset of done)
+    recovered: int = 0  # secant steps that blew a sequence up, undone (see relax)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -174,6 +175,7 @@ class _Broyden:
         self.us: list[Tensor] = []
         self.vs: list[Tensor] = []
         self.prev: tuple[Tensor, Tensor] | None = None
+        self.skip: Tensor | None = None  # rows reset since the last step
 
     def _inv(self, x: Tensor) -> Tensor:  # B⁻¹ x
         out = -x
@@ -187,8 +189,15 @@ class _Broyden:
             out = out + v * (u * x).sum(-1, keepdim=True)
         return out
 
+    def forget(self, rows: Tensor) -> None:
+        """Drop the secant history of ``rows``: their inverse Jacobian is -I again (a plain step next)."""
+        for t in (*self.us, *self.vs):
+            t[rows.to(t.device)] = 0.0
+        self.skip = rows
+
     def step(self, z: Tensor, fz: Tensor, eps: float) -> Tensor:
         x, g = _flat(z), _flat(fz) * eps
+        skip, self.skip = self.skip, None
         if self.prev is not None:
             dx, dg = x - self.prev[0], g - self.prev[1]
             v = self._inv_t(dx)
@@ -198,6 +207,8 @@ class _Broyden:
             norms = torch.linalg.vector_norm(v, dim=-1, keepdim=True) * torch.linalg.vector_norm(
                 dg, dim=-1, keepdim=True)
             safe = denom.abs() > 1e-6 * norms + _TINY
+            if skip is not None:  # a secant pair across a reset row's jump back would be meaningless
+                safe = safe & ~skip.to(safe.device).unsqueeze(-1)
             u = torch.where(safe, (dx - self._inv(dg)) / torch.where(safe, denom, 1.0), 0.0)
             self.us.append(u)
             self.vs.append(torch.where(safe, v, 0.0))
@@ -236,7 +247,8 @@ class _Guard:
         self.since_long: Tensor | None = None  # plain steps since the last long one (escaping rows)
         self.prev_f: Tensor | None = None
 
-    def step(self, accel: _Anderson, z: Tensor, fz: Tensor, res: Tensor, cfg: SolverConfig) -> Tensor:
+    def step(self, accel: _Anderson, z: Tensor, fz: Tensor, res: Tensor, cfg: SolverConfig,
+             reset: Tensor | None = None) -> Tensor:
         if self.best is None:
             self.best, self.mark = res, res
             self.mark_at = torch.zeros_like(res, dtype=torch.long)
@@ -250,6 +262,8 @@ class _Guard:
         self.mark_at = torch.where(halved | far, self.k, self.mark_at)
         self.plain_only = self.plain_only | (self.k - self.mark_at > cfg.stall)
         restart = far | (res > cfg.restart * self.best) | self.plain_only
+        if reset is not None:
+            restart = restart | reset.to(restart.device)
         self.prev = res
         self.k += 1
         out = accel.step(z, fz, cfg.eps, restart)
@@ -297,7 +311,11 @@ def solve(
 
     Returns the last state at which F was evaluated (so the reported residual is its residual) and
     :class:`SolveStats`. A non-finite field or a growing residual stops the solve with
-    ``diverged=True`` and returns the last finite state; nothing is clamped or NaN-scrubbed.
+    ``diverged=True`` and returns the last finite state; nothing is clamped or NaN-scrubbed. Under
+    Anderson and Broyden a sequence that blows up is first put back at its lowest-residual point with
+    its secant history forgotten, at most twice (``stats.recovered`` counts these): a bad
+    extrapolation is the solver's, not the dynamics', and stopping the batch for it stopped solves
+    that then converged (a trained tiny batch: Broyden 66 F-evals without the stop).
     """
     for seed_name, name in _ALIASES.items():
         if seed_name in opts:
@@ -339,6 +357,8 @@ def relax(
     # geometrically keeps a bounded *relative* residual, so that one cannot see it.
     lowest = None
     guard = _Guard()
+    best = _Best(rows) if accel is not None else None
+    reset = None
     for k in range(cfg.t1max):
         fz, res, size = _evaluate(sub, z, sel, fz, res)
         stats.fevals += 1
@@ -346,12 +366,20 @@ def relax(
         stats.history.append((res.mean().item(), res.max().item()))
         # Floored at a small fraction of ||z||, so jitter at the precision floor is not growth.
         floor = 1e-6 * torch.linalg.vector_norm(z.flatten(1), dim=1).real.to(torch.float64)
-        lowest = size if lowest is None else torch.minimum(lowest, size)
-        grown = size > cfg.div_factor * torch.maximum(lowest, floor)
+        grown = size > cfg.div_factor * torch.maximum(size if lowest is None else lowest, floor)
         unstable = grown | ~torch.isfinite(res) | ~torch.isfinite(size)
+        reset = None
         if bool(unstable.any()):
-            stats.diverged, stats.unstable = True, unstable
-            break
+            if best is None or not best.can_reset(unstable):
+                stats.diverged, stats.unstable = True, unstable
+                break
+            # A secant step, not the dynamics, threw these sequences out (an extrapolation from a
+            # poor secant model): back to each one's best point, its history forgotten.
+            z, fz, res, size = best.restore(unstable, z, fz, res, size)
+            reset, stats.recovered = unstable, stats.recovered + int(unstable.sum())
+        lowest = size if lowest is None else torch.minimum(lowest, size)
+        if best is not None:
+            best.update(z, fz, res, size)
         good = (z, fz, res)
         if k + 1 >= cfg.T1:
             done = done | (res <= cfg.res_est).to(done.device)
@@ -370,8 +398,10 @@ def relax(
         if k + 1 == cfg.t1max:
             break
         if isinstance(accel, _Anderson):
-            step = guard.step(accel, z, fz, res, cfg)
+            step = guard.step(accel, z, fz, res, cfg, reset)
         elif accel is not None:
+            if reset is not None:
+                accel.forget(reset)
             step = accel.step(z, fz, cfg.eps)
         else:
             step = z + cfg.eps * fz
@@ -387,6 +417,42 @@ def relax(
     stats.residual_per_seq = res
     stats.residual, stats.residual_max = res.mean().item(), res.max().item()
     return z, stats
+
+
+_MAX_RESETS = 2  # per sequence: a third blow-up is the field's, not the secant model's
+
+
+class _Best:
+    """Each sequence's lowest-residual point (state, field, residual, ||F||) of a secant solve, and
+    how often it has been put back there."""
+
+    def __init__(self, rows: int):
+        self.z: Tensor | None = None
+        self.fz: Tensor | None = None
+        self.res: Tensor | None = None
+        self.size: Tensor | None = None
+        self.resets = torch.zeros(rows, dtype=torch.long)
+
+    def can_reset(self, rows: Tensor) -> bool:
+        return self.z is not None and bool((self.resets[rows.cpu()] < _MAX_RESETS).all())
+
+    def restore(self, rows: Tensor, z: Tensor, fz: Tensor, res: Tensor, size: Tensor
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        assert self.z is not None and self.fz is not None and self.res is not None and self.size is not None
+        self.resets[rows.cpu()] += 1
+        m = _rows_mask(rows, z)
+        r = rows.to(res.device)
+        return (torch.where(m, self.z, z), torch.where(m, self.fz, fz), torch.where(r, self.res, res),
+                torch.where(r, self.size, size))
+
+    def update(self, z: Tensor, fz: Tensor, res: Tensor, size: Tensor) -> None:
+        if self.z is None or self.fz is None or self.res is None or self.size is None:
+            self.z, self.fz, self.res, self.size = z, fz, res, size
+            return
+        better = res < self.res
+        m = _rows_mask(better, z)
+        self.z, self.fz = torch.where(m, z, self.z), torch.where(m, fz, self.fz)
+        self.res, self.size = torch.where(better, res, self.res), torch.where(better, size, self.size)
 
 
 def _evaluate(sub: Field, z: Tensor, sel: Tensor | None, fz: Tensor | None,

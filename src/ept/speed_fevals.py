@@ -3,7 +3,9 @@
 Every solver is handed the same field wrapped in :class:`FevalCounter`, which counts the calls and
 measures the true residual ||F(z)||/||z|| (worst sequence) at each point it is called on, so the
 count does not depend on a solver's own (damped or relative) stopping rule. A solve stops the moment
-a call sees the target residual, by raising :class:`Reached`.
+a call sees the target residual, by raising :class:`Reached`. ept's solvers freeze each sequence
+once it meets the residual (as the library runs); TorchDEQ's iterate the whole batch until its worst
+sequence meets it (as TorchDEQ runs).
 
 The operator that matters is a trained one (at initialisation every solver is quick), so
 :func:`trained_model` trains a tiny model with EP for a few hundred steps and caches its weights.
@@ -69,10 +71,12 @@ class FevalCounter:
 
 def ept_fevals(field_fn: Field, z0: Tensor, method: str, tol: float, max_evals: int,
                eps: float = 0.5, **opts: Any) -> FevalCounter:
-    """ept's ``method`` (with any further :func:`ept.solve` options) counted to ``tol``."""
+    """ept's ``method`` (with any further :func:`ept.solve` options) counted to ``tol``, run as the
+    library runs it: each sequence freezes once it meets ``tol`` (its residual, the counter's
+    criterion, stays there), so the count is the call at which the last sequence met it."""
     counter = FevalCounter(field_fn, tol, max_evals)
     try:
-        ept.solve(counter, z0, method=method, tol=0.0, max_iter=max_evals, eps=eps, **opts)
+        ept.solve(counter, z0, method=method, tol=tol, max_iter=max_evals, eps=eps, **opts)
     except Reached:
         pass
     return counter
