@@ -94,12 +94,15 @@ class SolverConfig:
     # Anderson safeguards, per sequence (ept.solvers._Guard): plain steps while the residual is above
     # accel_from and plain steps still cut it by 10%; a fresh history when the residual exceeds
     # ``restart`` times its best; the dynamics for good (below) once the residual has not halved in
-    # ``stall`` Anderson steps. 32 rather than 16: over 9 trained tiny operators (36 batches) Anderson
-    # then needed 0.56 of plain iteration's F-evals to 1e-4 instead of 0.64 (one operator lost 13%),
-    # since slow-but-steady sequences are no longer handed back early (issue 6 note).
+    # ``stall`` Anderson steps. 12: over 13 trained tiny operators (6 with the embeddings at 1.0, 7 at
+    # 0.02; `python benchmarks/solvers.py RUN...`, 4 batches each) Anderson needed 0.431 of plain
+    # iteration's F-evals to 1e-4 (batch counts; 0.429 summed per sequence) against 0.507 (0.458) at
+    # 32, 0.449 at 16, 0.445 at 10; one operator lost 14%. On the emb 1.0 operators a stalled
+    # sequence is one Anderson sits on while plain iteration (and Broyden) go on; 32 was chosen before
+    # the stall escape's long steps existed, when a stalled sequence only had plain steps.
     accel_from: float = 0.1
     restart: float = 10.0
-    stall: int = 32
+    stall: int = 12
     # After a stall the sequence follows the dynamics (plain steps), but every ``proj_every``+1-th step
     # is a long one, (1 + proj_jump)·eps, where the last two F(z) point the same way (cos > 0.9): a
     # projective integrator (Gear & Kevrekidis). A stalled sequence sits in a "ghost" (a slow passage

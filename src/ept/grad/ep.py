@@ -185,6 +185,7 @@ def ep_gradient(
 
 
 _POLISH_STALL = 16
+_NUDGE_STALL = 32
 
 
 def polish(model: EquilibriumLM, x: Tensor, z_star: Tensor, stats: SolveStats, solver: SolverConfig,
@@ -295,8 +296,11 @@ def nudged_phase(
 
     steps = cfg.t2sel if adaptive else cfg.T2
     # z* is a good point to extrapolate from, so Anderson starts at once (no plain-step gate).
+    # The stall guard is the free phase's (a ghost of a root); the nudged phase keeps the 32 steps it
+    # was measured with (issue 6 notes), whatever the free solver's own ``stall``.
     nudge_cfg = dataclasses.replace(solver, method=cfg.nudge_solver, T1=0 if adaptive else steps, t1max=steps,
-                                    res_est=0.0, accel_from=math.inf, m=cfg.nudge_m, lam=cfg.nudge_lam)
+                                    res_est=0.0, accel_from=math.inf, m=cfg.nudge_m, lam=cfg.nudge_lam,
+                                    stall=_NUDGE_STALL)
     with torch.no_grad():
         z_beta, stats = relax(field, zs.to(sdtype), nudge_cfg, monitor=settled if adaptive else None)
     return z_beta, stats, estimate
