@@ -327,3 +327,18 @@ def test_solver_sweep_counts_only_the_sequences_plain_iteration_settles():
     assert left_out == 1  # the second sequence: plain iteration never settled it
     assert cost == {"plain": (90, 130), "anderson": (400, 410)}  # a miss is charged the cap
     assert sweep.batch_cost({"plain": [None], "anderson": [3]}, 400) == ({}, 1)
+
+
+def test_the_bench_cosine_is_void_where_the_oracle_refined_z_star_away(monkeypatch):
+    """cos(EP, implicit) is taken at EP's own equilibrium: a batch whose oracle refinement moved z*
+    by more than the allowed distance is another point's gradient, so it has no cosine and is counted."""
+    import ept.speed as sp
+
+    model = small_model().float()
+    ep = {"hr": 0.003, "polish_res": 1e-6, "drop_res": 1e-5, "t2_tol": 1e-4, "t2sel": 60}
+    ok = sp.cos_ep_implicit(model, [batch(model)], ep)
+    assert ok["oracle_failed_batches"] == 0 and ok["cos_ep_implicit"] >= 0.999
+    assert 0 < ok["oracle_moved_z"] < 1e-3
+    monkeypatch.setattr(sp, "_ORACLE_MOVE", ok["oracle_moved_z"] / 2)
+    void = sp.cos_ep_implicit(model, [batch(model)], ep)
+    assert void["oracle_failed_batches"] == 1 and void["cos_ep_implicit"] is None
