@@ -240,28 +240,27 @@ class _Guard:
     def __init__(self) -> None:
         self.k = 0
         self.prev = torch.tensor(float("inf"), dtype=torch.float64)
-        self.best: Tensor | None = None
         self.mark: Tensor | None = None  # the residual each sequence must next halve ...
         self.mark_at: Tensor | None = None  # ... and the step it was set at
         self.plain_only: Tensor | None = None
         self.since_long: Tensor | None = None  # plain steps since the last long one (escaping rows)
         self.prev_f: Tensor | None = None
 
-    def step(self, accel: _Anderson, z: Tensor, fz: Tensor, res: Tensor, cfg: SolverConfig,
+    def step(self, accel: _Anderson, z: Tensor, fz: Tensor, res: Tensor, best: Tensor, cfg: SolverConfig,
              reset: Tensor | None = None) -> Tensor:
-        if self.best is None:
-            self.best, self.mark = res, res
+        """``best``: each sequence's lowest residual so far, this one's included (:class:`_Best`)."""
+        if self.mark is None:
+            self.mark = res
             self.mark_at = torch.zeros_like(res, dtype=torch.long)
             self.plain_only = torch.zeros_like(res, dtype=torch.bool)
             self.since_long = torch.zeros_like(res, dtype=torch.long)
-        self.best = torch.minimum(self.best, res)
         halved = res < 0.5 * self.mark
         self.mark = torch.where(halved, res, self.mark)
         far = (res > cfg.accel_from) & (res < _PLAIN_PROGRESS * self.prev)
         # The stall clock restarts on progress, and runs only for sequences Anderson is driving.
         self.mark_at = torch.where(halved | far, self.k, self.mark_at)
         self.plain_only = self.plain_only | (self.k - self.mark_at > cfg.stall)
-        restart = far | (res > cfg.restart * self.best) | self.plain_only
+        restart = far | (res > cfg.restart * best) | self.plain_only
         if reset is not None:
             restart = restart | reset.to(restart.device)
         self.prev = res
@@ -358,7 +357,6 @@ def relax(
     lowest = None
     guard = _Guard()
     best = _Best(rows) if accel is not None else None
-    reset = None
     for k in range(cfg.t1max):
         fz, res, size = _evaluate(sub, z, sel, fz, res)
         stats.fevals += 1
@@ -398,7 +396,8 @@ def relax(
         if k + 1 == cfg.t1max:
             break
         if isinstance(accel, _Anderson):
-            step = guard.step(accel, z, fz, res, cfg, reset)
+            assert best is not None and best.res is not None  # kept for every secant solve
+            step = guard.step(accel, z, fz, res, best.res, cfg, reset)
         elif accel is not None:
             if reset is not None:
                 accel.forget(reset)
