@@ -126,7 +126,7 @@ def _blows_up_at(calls: set[int], row: int, f):
     return g
 
 
-@pytest.mark.parametrize("method", ["anderson", "broyden"])
+@pytest.mark.parametrize("method", ["anderson", "broyden", "momentum"])
 def test_a_secant_solve_puts_a_blown_up_row_back_at_its_best_point(method):
     """A row that blows up once under a secant solver is put back at its lowest-residual point, its
     history forgotten, and the solve goes on to the exact solution; plain iteration, the dynamics
@@ -222,7 +222,7 @@ def _rates_field(rates):
     return RowwiseField(fn, (rate,)), calls
 
 
-@pytest.mark.parametrize("method", ["fixed_point", "anderson"])
+@pytest.mark.parametrize("method", ["fixed_point", "anderson", "momentum"])
 def test_a_converged_row_is_frozen_and_the_field_cut_to_the_moving_rows(method):
     """Rows are independent: each stops where its own solve would, and once the moving rows are at
     most half of those evaluated the field is evaluated on them alone."""
