@@ -1,7 +1,7 @@
 """Solver sweep over trained operators: F-evaluations per sequence to a true residual, for variants of
 ``ept.solve``'s options, against plain iteration on the same batches.
 
-    python benchmarks/solvers.py runs/tiny runs/t1 runs/t2            # Anderson and Broyden vs plain
+    python benchmarks/solvers.py runs/tiny runs/t1 runs/t2            # Anderson, Broyden, momentum vs plain
     python benchmarks/solvers.py runs/* --variants '{"stall12": {"method": "anderson", "stall": 12}}'
 
 This is how the README's "over N trained tiny operators" solver figures were taken: train operators
@@ -31,7 +31,8 @@ from ept.speed import fixed_batch, load_tokens
 from ept.speed_bench import field_of
 from ept.speed_fevals import ept_fevals, row_evals
 
-DEFAULT_VARIANTS = {"anderson": {"method": "anderson"}, "broyden": {"method": "broyden"}}
+DEFAULT_VARIANTS = {"anderson": {"method": "anderson"}, "broyden": {"method": "broyden"},
+                    "momentum": {"method": "momentum"}}
 
 
 def row_counts(field, z0: torch.Tensor, opts: dict[str, Any], tol: float, max_evals: int) -> list[int | None]:

@@ -297,6 +297,11 @@ def test_row_ratio_sums_each_sequences_count_and_caps_misses():
                            "rows_ept_anderson": [1], "rows_ept_fixed_point": [400]}}
     assert trained_ratio(table, cap=200) == pytest.approx((30 + 200) / (90 + 100))
     assert trained_row_ratio(table, cap=200) == pytest.approx((10 + 30 + 20 + 200) / (80 + 90 + 40 + 100))
+    momentum = {"trained b0": (25, [5, 25]), "trained b1": (60, [60, 7]), "random x2": (None, [None])}
+    for name, counts in momentum.items():
+        table[name]["ept_momentum"], table[name]["rows_ept_momentum"] = counts
+    assert trained_ratio(table, cap=200, method="momentum") == pytest.approx((25 + 60) / (90 + 100))
+    assert trained_row_ratio(table, cap=200, method="momentum") == pytest.approx((5 + 25 + 60 + 7) / 310)
 
 
 @pytest.mark.parametrize("argv, weights", [([], "ema"), (["--raw"], "model"),

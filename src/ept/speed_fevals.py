@@ -30,7 +30,7 @@ from ept.model import EquilibriumLM
 from ept.solvers import residual_per_seq
 
 Field = Callable[[Tensor], Tensor]
-EPT_METHODS = ("fixed_point", "anderson", "broyden")
+EPT_METHODS = ("fixed_point", "anderson", "broyden", "momentum")
 # Plain iteration on both sides: on a trained operator it is sometimes the fastest (an accelerated
 # solver can land on another equilibrium, or stall near a fold), and a user would pick it there.
 PEER_METHODS = ("fixed_point_iter", "anderson", "broyden")
@@ -155,7 +155,8 @@ def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int, pee
     row freezing a row costs only its own count).
     ``eq_gap`` is :func:`equilibrium_gap` between ept's Anderson and plain-iteration solutions;
     ``anderson_saddles`` counts the sequences where Anderson met the residual at a point plain
-    iteration leaves (:func:`leaves_equilibrium`): F-evals to a state the physical dynamics never rests at.
+    iteration leaves (:func:`leaves_equilibrium`): F-evals to a state the physical dynamics never rests at;
+    ``momentum_saddles`` the same for the heavy ball (0 expected: it follows the dynamics).
     ``plain``: plain iteration's count on this same field and start, already taken (it is not rerun).
     """
     out: dict[str, int | float | None] = {}
@@ -170,9 +171,9 @@ def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int, pee
             for m in PEER_METHODS:
                 out[f"torchdeq_{m}"] = evals_to(torchdeq_fevals(field_fn, z0, m, tol, max_evals))
     out["eq_gap"] = equilibrium_gap(ends["anderson"], ends["fixed_point"])
-    z_anderson = ends["anderson"]
-    out["anderson_saddles"] = (None if z_anderson is None else
-                               int((leaves_equilibrium(field_fn, z_anderson, 0.5) > 1e-2).sum()))
+    for m in ("anderson", "momentum"):
+        out[f"{m}_saddles"] = (None if ends[m] is None else
+                               int((leaves_equilibrium(field_fn, ends[m], 0.5) > 1e-2).sum()))
     return out
 
 
