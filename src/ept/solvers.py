@@ -256,6 +256,10 @@ class _Momentum:
         self.m, self.lo, self.restart = m, lo, restart
         self.dZ: Tensor | None = None  # (B, m, n) recent steps, ring buffer
         self.dR: Tensor | None = None  # (B, m, n) the changes of eps·F(z) over them
+        # Their products ΔZᵢ·ΔZⱼ and ΔZᵢ·ΔRⱼ, kept up to date one slot a step: recomputing them from
+        # the buffers (in float64) cost more than an F-evaluation at the tiny preset.
+        self.gram: Tensor | None = None  # (B, m, m)
+        self.cross: Tensor | None = None  # (B, m, m)
         self.ok: Tensor | None = None  # (B, m) the slot holds a step of the sequence's current run
         self.prev: tuple[Tensor, Tensor] | None = None
         self.fresh: Tensor | None = None  # (B,) no usable previous point (start, or put back by relax)
@@ -277,6 +281,8 @@ class _Momentum:
         if self.prev is None:
             B, n = x.shape
             self.dZ, self.dR = x.new_zeros(B, self.m, n), x.new_zeros(B, self.m, n)
+            self.gram = torch.zeros(B, self.m, self.m, dtype=torch.float64, device=x.device)
+            self.cross = torch.zeros_like(self.gram)
             self.ok = torch.zeros(B, self.m, dtype=torch.bool, device=x.device)
             self.fresh = torch.ones(B, dtype=torch.bool, device=x.device)
             self.started = torch.zeros(B, dtype=torch.bool, device=x.device)
@@ -286,12 +292,18 @@ class _Momentum:
             self.restarts = torch.zeros(B, dtype=torch.long, device=x.device)
             self.prev = (x, r)
         assert self.dZ is not None and self.dR is not None and self.ok is not None and self.fresh is not None
+        assert self.gram is not None and self.cross is not None
         assert self.started is not None and self.plain_only is not None and self.best is not None
         assert self.prev_res is not None and self.restarts is not None
         res = res.to(x.device)
         px, pr = self.prev
         slot = self.count % self.m
-        self.dZ[:, slot], self.dR[:, slot] = x - px, r - pr
+        dz, dr = x - px, r - pr
+        self.dZ[:, slot], self.dR[:, slot] = dz, dr
+        zz = torch.bmm(self.dZ, dz.unsqueeze(-1)).squeeze(-1).to(torch.float64)  # ΔZᵢ·Δz, the new one's too
+        self.gram[:, slot], self.gram[:, :, slot] = zz, zz
+        self.cross[:, slot] = torch.bmm(self.dR, dz.unsqueeze(-1)).squeeze(-1).to(torch.float64)
+        self.cross[:, :, slot] = torch.bmm(self.dZ, dr.unsqueeze(-1)).squeeze(-1).to(torch.float64)
         self.ok[:, slot] = ~self.fresh
         self.count += 1
         far = ~self.started & (res > cfg.accel_from) & (res < _PLAIN_PROGRESS * self.prev_res)
@@ -304,7 +316,7 @@ class _Momentum:
             self.best = torch.where(lost, res, self.best)
         self.best = torch.minimum(self.best, res)
         still = self.fresh | lost  # no momentum this step
-        alpha = (1 - _ritz_top(self.dZ, self.dR, self.ok).clamp(*_MOM_HI)).to(x.device)
+        alpha = (1 - _ritz_top(self.gram, self.cross, self.ok).clamp(*_MOM_HI)).to(x.device)
         beta = torch.full_like(alpha, 1 - self.lo)
         a = 4 / (alpha.sqrt() + beta.sqrt()) ** 2
         b = torch.where(still, 0.0, ((beta.sqrt() - alpha.sqrt()) / (beta.sqrt() + alpha.sqrt())) ** 2)
@@ -316,18 +328,17 @@ class _Momentum:
         return _unflat(out, z)
 
 
-def _ritz_top(dZ: Tensor, dR: Tensor, ok: Tensor) -> Tensor:
+def _ritz_top(gram: Tensor, cross: Tensor, ok: Tensor) -> Tensor:
     """Per row, the largest real part of 1 + the eigenvalues of (ΔZᵀΔZ)⁻¹ ΔZᵀΔR over the slots in
-    ``ok`` (0 where a row has none): the top Ritz value of the map whose steps ΔZ changed r by ΔR."""
-    z64, r64 = dZ.to(torch.float64), dR.to(torch.float64)
-    gram = z64 @ z64.transpose(1, 2)
-    scale = gram.diagonal(dim1=1, dim2=2).sqrt().clamp_min(_TINY)
+    ``ok`` (0 where a row has none): the top Ritz value of the map whose steps ΔZ changed r by ΔR,
+    from the products ``gram`` = ΔZᵢ·ΔZⱼ and ``cross`` = ΔZᵢ·ΔRⱼ (float64, (B, m, m))."""
+    scale = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(_TINY)
     outer = scale.unsqueeze(-1) * scale.unsqueeze(-2)
     pair = ok.unsqueeze(-1) & ok.unsqueeze(-2)
-    eye = torch.eye(ok.shape[1], dtype=torch.float64, device=ok.device)
+    eye = torch.eye(ok.shape[1], dtype=gram.dtype, device=ok.device)
     # A slot that is not in use gets the eigenvalue -1 (Ritz value 0): it never sets the top.
     gram = torch.where(pair, gram / outer, eye) + 1e-10 * eye
-    cross = torch.where(pair, (z64 @ r64.transpose(1, 2)) / outer, -eye)
+    cross = torch.where(pair, cross / outer, -eye)
     top = 1 + torch.linalg.eigvals(torch.linalg.solve(gram, cross)).real.max(-1).values
     return torch.nan_to_num(top, nan=0.0)
 
