@@ -224,7 +224,7 @@ def test_canonical_recipe_maps_onto_the_core_configs() -> None:
     fixed = resolve("tiny", {"t2sel": 0, "T2": 7})
     assert fixed.ep.T2 == 7
     opts = grad_options(fixed)
-    assert opts["T2"] == 7 and opts["solver"] == "fixed_point" and "method" not in opts
+    assert opts["T2"] == 7 and opts["solver"] == "momentum" and "method" not in opts
     assert set(PRESETS) == {"tiny", "small", "c512"}
 
 
