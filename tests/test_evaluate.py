@@ -24,10 +24,10 @@ def test_bptt_runs_are_evaluated_through_their_training_unroll():
     torch.testing.assert_close(z, manual)
 
 
-@pytest.mark.parametrize("solver, scale", [("fixed_point", 1.0), ("anderson", 2.0)])
+@pytest.mark.parametrize("solver, scale", [("momentum", 1.0), ("fixed_point", 1.0), ("anderson", 2.0)])
 def test_ep_runs_are_evaluated_at_the_fixed_point_their_own_solver_finds(solver, scale):
-    """The tiny preset relaxes by plain iteration (the physical dynamics); a run trained with
-    --solver anderson is evaluated with it (here on a stiff field plain iteration cannot solve)."""
+    """The tiny preset relaxes by the heavy ball (the physical dynamics, accelerated); a run trained
+    with --solver anderson is evaluated with it (here on a stiff field plain iteration cannot solve)."""
     model = small_model(scale=scale)
     idx, _ = batch(model)
     cfg = resolve("tiny", {"mode": "ep", "res_est": 1e-9, "t1max": 500, "solver": solver})

@@ -228,6 +228,13 @@ def test_canonical_recipe_maps_onto_the_core_configs() -> None:
     assert set(PRESETS) == {"tiny", "small", "c512"}
 
 
+def test_the_tiny_presets_bptt_unrolls_the_20_steps_its_quality_row_states() -> None:
+    """BPTT's unroll is the solver's T1: a free-phase solver change must not shorten it (T1 1 for the
+    heavy ball would have made the BPTT baseline a one-step model)."""
+    bptt = resolve("tiny", {"mode": "bptt"})
+    assert grad_options(bptt) == {"T1": 20, "eps": 0.5}
+
+
 def test_token_arrays_are_what_training_reads(tokens) -> None:
     assert isinstance(tokens.train, np.ndarray) and tokens.train.max() < tokens.vocab_size
 
