@@ -6,7 +6,8 @@ import torch
 from conftest import batch, small_model
 
 import ept
-from ept.solvers import _ritz_top, residual_per_seq
+from ept.solvers import residual_per_seq
+from ept.solvers.momentum import _ritz_top
 
 
 def relaxation_problem(spectrum: torch.Tensor, rows: int = 2, seed: int = 0):

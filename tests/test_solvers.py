@@ -265,7 +265,7 @@ def test_a_monitor_can_freeze_single_rows():
 def test_anderson_masks_forgotten_slots_as_if_they_were_gone():
     """A restart forgets a sequence's history: its next step equals that of a fresh Anderson fed only
     the iterates since the restart (the masked slots get exactly zero weight)."""
-    from ept.solvers import _Anderson
+    from ept.solvers.anderson import _Anderson
 
     g = torch.Generator().manual_seed(0)
     zs = [torch.randn(2, 6, generator=g, dtype=torch.float64) for _ in range(7)]

@@ -91,7 +91,7 @@ class SolverConfig:
     lam: float = 1e-2  # Anderson regularisation, relative to each (unit-scaled) residual difference
     mix: float = 1.0  # Anderson mixing (1 = undamped)
     div_factor: float = 1e4  # growth of a sequence's ||F(z)|| over its lowest that counts as divergence
-    # Anderson safeguards, per sequence (ept.solvers._Guard): plain steps while the residual is above
+    # Anderson safeguards, per sequence (ept.solvers.anderson._Guard): plain steps while the residual is above
     # accel_from and plain steps still cut it by 10%; a fresh history when the residual exceeds
     # ``restart`` times its best; the dynamics for good (below) once the residual has not halved in
     # ``stall`` Anderson steps. 12: over 13 trained tiny operators (6 with the embeddings at 1.0, 7 at
@@ -112,7 +112,7 @@ class SolverConfig:
     # note). proj_jump=0: plain steps only.
     proj_every: int = 5
     proj_jump: float = 8.0
-    # Momentum (ept.solvers._Momentum): the heavy-ball step tuned to the spectrum of the relaxation
+    # Momentum (ept.solvers.momentum._Momentum): the heavy-ball step tuned to the spectrum of the relaxation
     # map z + eps·F(z) on [mom_lo, hi], hi read off each sequence's recent steps. mom_lo is the
     # spectrum's lower edge, which a few steps do not reveal: the block's linear part puts the bulk at
     # 1 - eps·(1+c) (0 at the presets; a trained tiny block's lowest eigenvalue was -0.09), and a mode

@@ -72,7 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 12 batches' cos(EP, implicit) went from 0.989 to 0.9975: at 15 steps the linear system is
     # nearer its solution. Retrained with it, val CE 4.453 / 4.447 / 4.449 against 4.456 /
     # 4.447 / 4.448.
-    # The free phase is the heavy ball (solver momentum, ept.solvers._Momentum), plain iteration's
+    # The free phase is the heavy ball (solver momentum, ept.solvers.momentum._Momentum), plain iteration's
     # dynamics accelerated by a per-sequence polynomial, which finds the same attractors (0 saddles
     # in the bench's 96 sequence solves per operator, Anderson 3-12): on the operators of runs
     # trained with it, free phase and polish took 348-384 F-evals over 8 batches instead of 614-634

@@ -36,7 +36,7 @@ TARGETS = (
     ("ep_over_bptt_time", 0.7, "<="),
     ("ep_over_bptt_mem", 0.2, "<="),
     # The issue names Anderson; on trained tiny operators the accelerated solver that meets 1/3 is the
-    # heavy ball (ept.solvers._Momentum, chosen on 13 operators with benchmarks/solvers.py), so the
+    # heavy ball (ept.solvers.momentum._Momentum, chosen on 13 operators with benchmarks/solvers.py), so the
     # target is judged on it and Anderson's ratio is reported beside it.
     ("momentum_over_plain_fevals", 1 / 3, "<="),
     ("cos_ep_implicit", 0.99, ">="),
