@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ept.config import SolverConfig
-from ept.solvers.common import _PLAIN_PROGRESS, _TINY, _flat, _rows_mask, _unflat
+from ept.solvers.common import _TINY, _flat, _rows_mask, _unflat, plain_steps_pay
 
 
 class _Anderson:
@@ -107,7 +107,7 @@ class _Guard:
             self.since_long = torch.zeros_like(res, dtype=torch.long)
         halved = res < 0.5 * self.mark
         self.mark = torch.where(halved, res, self.mark)
-        far = (res > cfg.accel_from) & (res < _PLAIN_PROGRESS * self.prev)
+        far = plain_steps_pay(res, self.prev, cfg.accel_from)
         # The stall clock restarts on progress, and runs only for sequences Anderson is driving.
         self.mark_at = torch.where(halved | far, self.k, self.mark_at)
         self.plain_only = self.plain_only | (self.k - self.mark_at > cfg.stall)

@@ -95,3 +95,9 @@ def _row_norm(t: Tensor) -> Tensor:
 def _rows_mask(rows: Tensor, like: Tensor) -> Tensor:
     return rows.to(like.device).view(-1, *([1] * (like.dim() - 1)))
 
+
+def plain_steps_pay(res: Tensor, prev_res: Tensor, accel_from: float) -> Tensor:
+    """Per row: still far from the fixed point (residual above ``accel_from``) and plain steps still
+    cut the residual by 10% — where a secant or spectral model would be built on points it does not
+    hold at (z = 0, where LayerNorm is singular, among them)."""
+    return (res > accel_from) & (res < _PLAIN_PROGRESS * prev_res)

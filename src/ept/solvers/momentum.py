@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ept.config import SolverConfig
-from ept.solvers.common import _PLAIN_PROGRESS, _TINY, _flat, _unflat
+from ept.solvers.common import _TINY, _flat, _unflat, plain_steps_pay
 
 _MOM_HI = (0.5, 0.995)  # the range the spectrum's upper edge is taken from (see _Momentum)
 _MAX_MOM_RESTARTS = 2  # per sequence: after a third loss of momentum it takes plain steps
@@ -94,7 +94,7 @@ class _Momentum:
         self.cross[:, :, slot] = torch.bmm(self.dZ, dr.unsqueeze(-1)).squeeze(-1).to(torch.float64)
         self.ok[:, slot] = ~self.fresh
         self.count += 1
-        far = ~self.started & (res > cfg.accel_from) & (res < _PLAIN_PROGRESS * self.prev_res)
+        far = ~self.started & plain_steps_pay(res, self.prev_res, cfg.accel_from)
         self.started = self.started | ~far
         lost = self.started & (res > self.restart * self.best)
         if bool(lost.any()):

@@ -129,14 +129,10 @@ def relax(
         if isinstance(accel, _Anderson):
             assert best is not None and best.res is not None  # kept for every secant solve
             step = guard.step(accel, z, fz, res, best.res, cfg, reset)
-        elif isinstance(accel, _Momentum):
-            if reset is not None:
-                accel.forget(reset)
-            step = accel.step(z, fz, res, cfg)
         elif accel is not None:
             if reset is not None:
                 accel.forget(reset)
-            step = accel.step(z, fz, cfg.eps)
+            step = accel.step(z, fz, res, cfg) if isinstance(accel, _Momentum) else accel.step(z, fz, cfg.eps)
         else:
             step = z + cfg.eps * fz
         z = step if not bool(done.any()) else torch.where(_rows_mask(done, z), z, step)
