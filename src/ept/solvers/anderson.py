@@ -25,48 +25,68 @@ class _Anderson:
 
     def __init__(self, m: int, lam: float, mix: float):
         self.m, self.lam, self.mix = m, lam, mix
-        self.X: Tensor | None = None  # (B, m, n) iterates, ring buffer
-        self.F: Tensor | None = None  # (B, m, n) eps-scaled residuals
-        self.stamp: Tensor | None = None  # (B, m) the step each slot was written at
+        # Ring buffers of the steps that arrived with each slot's point: dX = x - x_prev (in the
+        # state's dtype) and dF = f - f_prev (f = eps·F, in float64: residuals in a window span
+        # orders of magnitude, and their differences' products in float32 lose the small, newest
+        # ones), and the products dFᵢ·dFⱼ, a row and column renewed per step. The least-squares
+        # system over the differences to the newest residual, Fᵢ - f = -Σ (the dF after slot i),
+        # follows from these in k×k algebra: rebuilding it from stored residuals ((B, m, n)
+        # differences and an m×m product over n every step) cost twice an F-evaluation at the tiny
+        # preset, and products of the residuals themselves cancel where a sequence stagnates.
+        self.dX: Tensor | None = None  # (B, m, n)
+        self.dF: Tensor | None = None  # (B, m, n)
+        self.G: Tensor | None = None  # (B, m, m) float64
+        self.prev: tuple[Tensor, Tensor] | None = None  # the last point and its f (float64)
+        self.stamp: Tensor | None = None  # (m,) the step each slot was written at
         self.since: Tensor | None = None  # (B,) a sequence's history starts at this step
         self.count = 0
 
     def step(self, z: Tensor, fz: Tensor, eps: float, restart: Tensor | None = None) -> Tensor:
         x, f = _flat(z), _flat(fz) * eps
-        if self.X is None:
+        f64 = f.to(torch.float64)
+        if self.prev is None:
             B, n = x.shape
-            self.X = x.new_zeros(B, self.m, n)
-            self.F = x.new_zeros(B, self.m, n)
-            self.stamp = torch.full((B, self.m), -1, dtype=torch.long, device=x.device)
+            self.dX, self.dF = x.new_zeros(B, self.m, n), f64.new_zeros(B, self.m, n)
+            self.G = f64.new_zeros(B, self.m, self.m)
+            self.stamp = torch.full((self.m,), -1, dtype=torch.long, device=x.device)
             self.since = torch.zeros(B, dtype=torch.long, device=x.device)
+            self.prev = (x, f64)
+        assert self.dX is not None and self.dF is not None and self.G is not None
+        assert self.stamp is not None and self.since is not None
         if restart is not None:
             self.since = torch.where(restart.to(x.device), self.count, self.since)
         slot = self.count % self.m
-        self.X[:, slot] = x
-        self.F[:, slot] = f
-        self.stamp[:, slot] = self.count
+        px, pf = self.prev
+        self.prev = (x, f64)
+        self.dX[:, slot], self.dF[:, slot] = x - px, f64 - pf
+        self.stamp[slot] = self.count
         self.count += 1
         k = min(self.count, self.m)
         if k == 1:
             return _unflat(x + self.mix * f, z)
+        dF = self.dF[:, :k]
+        new = torch.bmm(dF, (f64 - pf).unsqueeze(-1)).squeeze(-1)  # (B, k) dFᵢ·dF_new
+        self.G[:, slot, :k], self.G[:, :k, slot] = new, new
+        # Slot i's residual difference to the newest is -Σⱼ dFⱼ over the slots j written after it:
+        # ΔF = M·dF with M = -[stamp_j > stamp_i], the same for every row.
+        stamp = self.stamp[:k]
+        M = -(stamp.unsqueeze(0) > stamp.unsqueeze(1)).to(torch.float64)  # (k, k)
+        gram = M @ self.G[:, :k, :k] @ M.t()
+        rhs_raw = -(M @ torch.bmm(dF, f64.unsqueeze(-1))).squeeze(-1)  # -ΔFᵢ·f
         # Every filled slot takes part, the newest one too (its difference is zero): slots that may
         # not (the newest, and those from before a restart) are masked in the small k×k system, where
-        # they get a unit diagonal, a zero right-hand side and so a zero coefficient. Masking there
-        # rather than in the (B, k, n) arrays saves index copies and masking products: 25% of a
-        # step at the tiny preset's free phase.
-        stamp = self.stamp[:, :k]
-        valid = (stamp >= self.since.unsqueeze(1)) & (stamp != self.count - 1)  # (B, k)
-        f64 = f.to(torch.float64)
-        dF = self.F[:, :k].to(torch.float64) - f64.unsqueeze(1)  # (B, k, n)
-        gram = dF @ dF.transpose(1, 2)
-        scale = gram.diagonal(dim1=1, dim2=2).sqrt().clamp_min(_TINY)  # (B, k)
+        # they get a unit diagonal, a zero right-hand side and so a zero coefficient.
+        valid = (stamp.unsqueeze(0) >= self.since.unsqueeze(1)) & (stamp != self.count - 1)  # (B, k)
+        scale = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(_TINY)  # (B, k)
         pair = valid.unsqueeze(-1) & valid.unsqueeze(-2)
         gram = torch.where(pair, gram / (scale.unsqueeze(-1) * scale.unsqueeze(-2)), 0.0)
         gram = gram + (self.lam + (~valid).to(gram.dtype)).diag_embed()
-        rhs = torch.where(valid, -(dF @ f64.unsqueeze(-1)).squeeze(-1) / scale, 0.0)
-        gamma = (torch.linalg.solve(gram, rhs) / scale).unsqueeze(1)  # (B, 1, k)
-        step_f = f64 + torch.bmm(gamma, dF).squeeze(1)
-        step_x = x + torch.bmm(gamma.to(x.dtype), self.X[:, :k] - x.unsqueeze(1)).squeeze(1)
+        rhs = torch.where(valid, rhs_raw / scale, 0.0)
+        gamma = torch.linalg.solve(gram, rhs) / scale  # (B, k) weights of the differences ΔFᵢ = Fᵢ - f
+        # Σᵢ γᵢ ΔFᵢ = Σⱼ cⱼ dFⱼ with c = γ·M (and likewise for the iterates).
+        c = (gamma @ M).unsqueeze(1)  # (B, 1, k)
+        step_f = f64 + torch.bmm(c, dF).squeeze(1)
+        step_x = x + torch.bmm(c.to(x.dtype), self.dX[:, :k]).squeeze(1)
         return _unflat(step_x + self.mix * step_f.to(x.dtype), z)
 
 
