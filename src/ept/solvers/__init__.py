@@ -19,6 +19,6 @@ from ept.solvers.common import (
     SolveStats,
     residual_per_seq,
 )
-from ept.solvers.relax import relax, solve
+from ept.solvers.loop import relax, solve
 
 __all__ = ["Field", "Monitor", "RowField", "RowwiseField", "SolveStats", "relax", "residual_per_seq", "solve"]
