@@ -282,3 +282,35 @@ def test_anderson_masks_forgotten_slots_as_if_they_were_gone():
         out_kept, out_fresh = kept.step(zs[i], fs[i], 0.5), fresh.step(zs[i], fs[i], 0.5)
         torch.testing.assert_close(out_kept[0], out_fresh[0], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(out_kept[1], out_fresh[1])  # the other row kept its history
+
+
+def _anderson_reference(xs: list[torch.Tensor], fs: list[torch.Tensor], lam: float, mix: float) -> torch.Tensor:
+    """Type-II Anderson from the definition: min ||f + ΔF γ|| + Tikhonov ``lam`` on the columns
+    scaled to unit norm, ΔFᵢ = fᵢ − f over the window's older points, then z = x + ΔX γ + mix·(f + ΔF γ)."""
+    x, f = xs[-1], fs[-1]
+    dF = torch.stack([fi - f for fi in fs[:-1]], 1)  # (B, k, n)
+    dX = torch.stack([xi - x for xi in xs[:-1]], 1)
+    scale = dF.norm(dim=-1)
+    A = dF / scale.unsqueeze(-1)
+    gram = A @ A.transpose(1, 2) + lam * torch.eye(dF.shape[1], dtype=f.dtype)
+    gamma = torch.linalg.solve(gram, -(A @ f.unsqueeze(-1)).squeeze(-1)) / scale
+    return x + (gamma.unsqueeze(1) @ dX).squeeze(1) + mix * (f + (gamma.unsqueeze(1) @ dF).squeeze(1))
+
+
+def test_anderson_step_is_the_textbook_least_squares_step_even_where_residuals_stagnate():
+    """The running products give the same system as the definition, after the ring buffer has
+    wrapped, and where the residuals barely change (differences 1e-9 of the residuals, as at a
+    ghost): products of the residuals themselves, not of their differences, lose every digit there."""
+    from ept.solvers.anderson import _Anderson
+
+    g = torch.Generator().manual_seed(3)
+    m, n = 4, 12
+    base = torch.randn(2, n, generator=g, dtype=torch.float64)
+    for size in (1.0, 1e-9):
+        xs = [torch.randn(2, n, generator=g, dtype=torch.float64) for _ in range(m + 3)]
+        fs = [base + size * torch.randn(2, n, generator=g, dtype=torch.float64) for _ in range(m + 3)]
+        acc = _Anderson(m, 1e-3, 1.0)
+        for i in range(m + 3):
+            out = acc.step(xs[i], fs[i], 1.0)
+        ref = _anderson_reference(xs[-m:], fs[-m:], 1e-3, 1.0)
+        torch.testing.assert_close(out, ref, rtol=1e-7, atol=1e-9)
