@@ -284,7 +284,8 @@ def test_anderson_masks_forgotten_slots_as_if_they_were_gone():
     assert not torch.allclose(out_kept[1], out_fresh[1])  # the other row kept its history
 
 
-def _anderson_reference(xs: list[torch.Tensor], fs: list[torch.Tensor], lam: float, mix: float) -> torch.Tensor:
+def _anderson_reference(xs: list[torch.Tensor], fs: list[torch.Tensor], lam: float,
+                        mix: float) -> torch.Tensor:
     """Type-II Anderson from the definition: min ||f + ΔF γ|| + Tikhonov ``lam`` on the columns
     scaled to unit norm, ΔFᵢ = fᵢ − f over the window's older points, then z = x + ΔX γ + mix·(f + ΔF γ)."""
     x, f = xs[-1], fs[-1]
