@@ -350,3 +350,26 @@ def test_sgd_sai_freezes_the_block_scale_at_the_first_gradient() -> None:
     opt.step()
     assert opt.state[p]["gsnr"] == pytest.approx(gsnr)
     assert torch.allclose(p.detach(), -0.1 * gsnr * 4 * g1, rtol=1e-5)
+
+
+def test_device_variation_and_noise_draw_from_streams_of_their_own() -> None:
+    """Device variation must not reuse the numbers that drew the run's initial weights
+    (``torch.manual_seed(seed)``), nor the read noise those of another role or of the adjacent seed."""
+    from ept.analog.substrate import stream
+
+    seed = 4
+    torch.manual_seed(seed)
+    model = _model(seed)
+    cfg = analog_config("rram_es")
+    sub = SimulatedSubstrate(model, cfg, SOLVER, EPConfig(), seed=seed)
+    name, tile = next(iter(sub.tiles.items()))
+    assert tile.dev is not None
+    shape = tuple(tile.dev.bound_max.shape)
+    from_run_seed = sample_devices(cfg.device, shape, torch.Generator().manual_seed(seed))
+    assert not torch.allclose(tile.dev.bound_max, from_run_seed.bound_max), name
+    again = sample_devices(cfg.device, shape, stream(seed, "devices"))
+    torch.testing.assert_close(tile.dev.bound_max, again.bound_max)  # and it is that role's stream
+    first = {(s, r): torch.randn(64, generator=stream(s, r)) for s in (seed, seed + 1)
+             for r in ("devices", "read", "write")}
+    firsts = list(first.values())
+    assert all(not torch.equal(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1:])

@@ -10,6 +10,7 @@ implements them trains with the same loop as the simulator.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -45,6 +46,18 @@ class Settled:
 
     state: Tensor
     stats: SolveStats
+
+
+def stream(seed: int, role: str) -> torch.Generator:
+    """The generator of one role (device variation, read noise, write noise) of analog seed ``seed``.
+
+    Its seed is a hash of both, so no two roles or seeds share a stream, and none is the stream of
+    ``torch.manual_seed(seed)``, which draws a run's initial weights: seeding the roles seed, seed + 1,
+    seed + 2 drew the device variation from the very numbers of the weight initialisation, the read
+    noise from those of the batch order (seeded run seed + 1), and shared streams between adjacent seeds.
+    """
+    digest = hashlib.sha256(f"ept.analog/{role}/{seed}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
 @runtime_checkable
@@ -85,10 +98,10 @@ class SimulatedSubstrate:
         self, model: EquilibriumLM, cfg: AnalogConfig, solver: SolverConfig, ep: EPConfig, seed: int = 0
     ):
         self.model, self.cfg, self.solver, self.ep = model, cfg, solver, ep
-        self.init_gen = torch.Generator().manual_seed(seed)
-        self.read_gen = torch.Generator().manual_seed(seed + 1)
+        self.init_gen = stream(seed, "devices")
+        self.read_gen = stream(seed, "read")
         self.noise = NoisePool(self.read_gen) if not cfg.io.ideal else None
-        self.write_gen = torch.Generator().manual_seed(seed + 2)
+        self.write_gen = stream(seed, "write")
         self.tiles: dict[str, AnalogTile] = {}
         self._modules: dict[str, nn.Linear] = {}
         with torch.no_grad():
@@ -192,7 +205,8 @@ class SimulatedSubstrate:
             raise ValueError(f"its crossbars {sorted(st['tiles'])} are not this model's {sorted(self.tiles)}")
         if st["noise_pool"] != self._pool_id():
             raise ValueError("its read-noise pool differs from the one this seed draws here (another "
-                             "periphery, seed or torch version)")
+                             "periphery, seed or torch version, or written by an ept before 2026-11-27, "
+                             "whose analog noise streams overlapped the run's)")
         for name, tile in self.tiles.items():
             try:
                 tile.load_state_dict(st["tiles"][name])
