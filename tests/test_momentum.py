@@ -120,3 +120,20 @@ def test_bad_momentum_settings_are_refused():
         ept.solve(f, exact, method="momentum", mom_lo=0.7)
     with pytest.raises(ValueError, match="mom_restart"):
         ept.solve(f, exact, method="momentum", mom_restart=1.0)
+
+
+def test_heavy_ball_contraction_is_sqrt_b_on_its_interval_and_more_beside_it():
+    from ept.solvers.momentum import contraction, heavy_ball_params
+
+    lo, hi = torch.tensor(-0.3, dtype=torch.float64), torch.tensor(0.9, dtype=torch.float64)
+    _, b = heavy_ball_params(lo, hi)
+    inside = torch.linspace(-0.3, 0.9, 13, dtype=torch.float64).to(torch.complex128)
+    torch.testing.assert_close(contraction(lo, hi, inside), b.sqrt().expand(13), rtol=1e-6, atol=1e-6)
+    # Above hi still contracting, slower; a complex mode beside the interval slower than √b too.
+    above = contraction(lo, hi, torch.tensor(0.95 + 0j, dtype=torch.complex128))
+    beside = contraction(lo, hi, torch.tensor(0.0 + 0.2j, dtype=torch.complex128))
+    assert b.sqrt() < above < 1 and b.sqrt() + 0.05 < beside < 1
+    # Plain iteration is the case lo = hi = 0: each mode contracts by |μ|.
+    mu = torch.tensor([0.5 + 0.3j, -0.2 + 0j, 0.9 + 0j], dtype=torch.complex128)
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    torch.testing.assert_close(contraction(zero, zero, mu), mu.abs())

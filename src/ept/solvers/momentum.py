@@ -104,16 +104,34 @@ class _Momentum:
             self.best = torch.where(lost, res, self.best)
         self.best = torch.minimum(self.best, res)
         still = self.fresh | lost  # no momentum this step
-        alpha = (1 - _ritz_top(self.gram, self.cross, self.ok).clamp(*_MOM_HI)).to(x.device)
-        beta = torch.full_like(alpha, 1 - self.lo)
-        a = 4 / (alpha.sqrt() + beta.sqrt()) ** 2
-        b = torch.where(still, 0.0, ((beta.sqrt() - alpha.sqrt()) / (beta.sqrt() + alpha.sqrt())) ** 2)
+        hi = _ritz_top(self.gram, self.cross, self.ok).clamp(*_MOM_HI).to(x.device)
+        a, b = heavy_ball_params(torch.full_like(hi, self.lo), hi)
+        b = torch.where(still, 0.0, b)
         plain = far | self.plain_only
         a, b = torch.where(plain, 1.0, a).to(x.dtype), torch.where(plain, 0.0, b).to(x.dtype)
         out = x + a.unsqueeze(1) * r + b.unsqueeze(1) * (x - px)
         self.prev, self.prev_res = (x, r), res
         self.fresh = torch.zeros_like(self.fresh)
         return _unflat(out, z)
+
+
+def heavy_ball_params(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """The heavy ball's (a, b) for a relaxation map whose spectrum is the real interval [lo, hi]:
+    a = 4 / (√α + √β)², b = ((√β − √α) / (√β + √α))², α = 1 − hi, β = 1 − lo."""
+    sa, sb = (1 - hi).sqrt(), (1 - lo).sqrt()
+    return 4 / (sa + sb) ** 2, ((sb - sa) / (sb + sa)) ** 2
+
+
+def contraction(lo: Tensor, hi: Tensor, mu: Tensor) -> Tensor:
+    """Per F-evaluation, how much the heavy ball tuned to [lo, hi] contracts a mode whose relaxation
+    map eigenvalue is ``mu`` (complex allowed; broadcast): the larger root modulus of
+    r² − (1 + b − a(1 − μ)) r + b. √b for every μ in [lo, hi]; more off the interval, and from a
+    complex μ beside it already: the shape of the spectrum, not only its real range, sets the
+    rate. lo = hi = 0 is plain iteration (a = 1, b = 0): |μ|."""
+    a, b = heavy_ball_params(lo, hi)
+    p = 1 + b - a * (1 - mu)
+    d = (p * p - 4 * b).sqrt()
+    return torch.maximum(((p + d) / 2).abs(), ((p - d) / 2).abs())
 
 
 def _ritz_top(gram: Tensor, cross: Tensor, ok: Tensor) -> Tensor:
