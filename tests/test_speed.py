@@ -347,3 +347,24 @@ def test_the_bench_cosine_is_void_where_the_oracle_refined_z_star_away(monkeypat
     monkeypatch.setattr(sp, "_ORACLE_MOVE", ok["oracle_moved_z"] / 2)
     void = sp.cos_ep_implicit(model, [batch(model)], ep)
     assert void["oracle_failed_batches"] == 1 and void["cos_ep_implicit"] is None
+
+
+def test_momentum_ceiling_finds_the_interval_of_a_real_spectrum_and_pays_for_a_complex_pair():
+    import importlib.util
+    from pathlib import Path
+
+    from ept.solvers.momentum import heavy_ball_params
+
+    spec = importlib.util.spec_from_file_location(
+        "momentum_ceiling", Path(__file__).parent.parent / "benchmarks" / "momentum_ceiling.py")
+    mc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mc)
+    real = torch.linspace(-0.2, 0.9, 50, dtype=torch.float64).to(torch.complex128)
+    rho, lo, hi = mc.best_interval(real)
+    assert abs(lo + 0.2) < 0.051 and abs(hi - 0.9) < 0.006
+    _, b = heavy_ball_params(torch.tensor(-0.2, dtype=torch.float64), torch.tensor(0.9, dtype=torch.float64))
+    assert abs(rho - float(b.sqrt())) < 0.01
+    pair = torch.tensor([0.3j, -0.3j], dtype=torch.complex128)
+    rho_c, lo_c, _ = mc.best_interval(torch.cat([real, pair]))
+    assert rho_c > rho + 0.02 and lo_c < lo  # a wider interval below: the pair sits inside its ellipse
+    assert mc.fevals_share(0.9, 0.9) == 1.0 and mc.fevals_share(0.9, 1.0) is None
