@@ -120,6 +120,20 @@ def test_bad_momentum_settings_are_refused():
         ept.solve(f, exact, method="momentum", mom_lo=0.7)
     with pytest.raises(ValueError, match="mom_restart"):
         ept.solve(f, exact, method="momentum", mom_restart=1.0)
+    with pytest.raises(ValueError, match="mom_m"):
+        ept.solve(f, exact, method="momentum", mom_m=1)
+
+
+def test_the_spectral_window_is_mom_m_not_andersons_memory():
+    spectrum = torch.cat([torch.linspace(-0.2, 0.6, 30), torch.linspace(0.8, 0.97, 10)]).double()
+    f, exact = relaxation_problem(spectrum)
+    z0 = torch.zeros_like(exact)
+
+    def fevals(**opts):
+        return ept.solve(f, z0, method="momentum", tol=1e-9, max_iter=2000, **opts)[1].fevals
+
+    assert fevals(m=2) == fevals(m=12) == fevals()
+    assert fevals(mom_m=2) != fevals(mom_m=8)
 
 
 def test_heavy_ball_contraction_is_sqrt_b_on_its_interval_and_more_beside_it():

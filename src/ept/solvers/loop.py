@@ -71,7 +71,7 @@ def relax(
     if cfg.method == "anderson":
         accel = _Anderson(cfg.m, cfg.lam, cfg.mix)
     elif cfg.method == "momentum":
-        accel = _Momentum(cfg.m, cfg.mom_lo, cfg.mom_restart)
+        accel = _Momentum(cfg.mom_m, cfg.mom_lo, cfg.mom_restart)
     elif cfg.method == "broyden":
         # Dropping old secant pairs destabilises good Broyden, so it keeps all of them (as TorchDEQ
         # does): two state-sized vectors per F-evaluation, the price of this method.
