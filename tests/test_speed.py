@@ -368,3 +368,15 @@ def test_momentum_ceiling_finds_the_interval_of_a_real_spectrum_and_pays_for_a_c
     rho_c, lo_c, _ = mc.best_interval(torch.cat([real, pair]))
     assert rho_c > rho + 0.02 and lo_c < lo  # a wider interval below: the pair sits inside its ellipse
     assert mc.fevals_share(0.9, 0.9) == 1.0 and mc.fevals_share(0.9, 1.0) is None
+
+
+def test_a_slow_passage_plain_iteration_itself_meets_the_residual_at_is_no_saddle():
+    """F(z) = -0.1((z - 5)² + δ)(z - 8): a ghost at z ≈ 5 where the residual dips below the target
+    on the way to the root at 8. Plain iteration meets the target there too, so a solver that does
+    the same found no saddle: the sequence counts as a passage, for neither solver as a saddle."""
+    def f(z):
+        return -0.1 * ((z - 5.0) ** 2 + 1e-3) * (z - 8.0)
+
+    row = fe.compare_solvers(f, torch.full((2, 1), 2.0, dtype=torch.float64), 1e-4, 2000, peer=False)
+    assert row["ept_fixed_point"] is not None and row["passages"] == 2
+    assert row["momentum_saddles"] == 0 and row["anderson_saddles"] == 0

@@ -231,6 +231,7 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] = print, compile_fiel
         s[f"{method}_over_plain_row_fevals"] = trained_row_ratio(table, cfg.max_evals, method)
     for method in ("anderson", "momentum"):
         s[f"{method}_saddle_seqs"] = sum(r[f"{method}_saddles"] or 0 for r in _trained(table))
+    s["passage_seqs"] = sum(r.get("passages") or 0 for r in _trained(table))
     s["no_attractor_seqs"] = sum(r["no_attractor"] for r in _trained(table))
     s["plain_reached"] = all(r["ept_fixed_point"] is not None for r in _trained(table))
     if cfg.peer and fe.have_torchdeq():
@@ -308,7 +309,7 @@ def format_table(s: dict[str, Any]) -> str:
     for key in ("ep_over_bptt_time", "ep_over_bptt_mem", "ep_over_bp_time", "momentum_over_plain_fevals",
                 "momentum_over_plain_row_fevals", "anderson_over_plain_fevals",
                 "anderson_over_plain_row_fevals", "broyden_over_plain_fevals", "anderson_saddle_seqs",
-                "momentum_saddle_seqs", "estimator_share", "cos_ep_implicit",
+                "momentum_saddle_seqs", "passage_seqs", "estimator_share", "cos_ep_implicit",
                 "ept_over_torchdeq_fevals", "ept_over_torchdeq_fevals_worst_field",
                 "ept_anderson_over_torchdeq_fevals"):
         t = s["targets"].get(key)

@@ -156,7 +156,9 @@ def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int, pee
     ``eq_gap`` is :func:`equilibrium_gap` between ept's Anderson and plain-iteration solutions;
     ``anderson_saddles`` counts the sequences where Anderson met the residual at a point plain
     iteration leaves (:func:`leaves_equilibrium`): F-evals to a state the physical dynamics never rests at;
-    ``momentum_saddles`` the same for the heavy ball (0 expected: it follows the dynamics).
+    ``momentum_saddles`` the same for the heavy ball (0 expected: it follows the dynamics). A
+    sequence where plain iteration's own point at ``tol`` is left too is no saddle but a slow passage
+    the dynamics itself crosses there (``passages``), and is not counted for either.
     ``plain``: plain iteration's count on this same field and start, already taken (it is not rerun).
     """
     out: dict[str, int | float | None] = {}
@@ -171,9 +173,14 @@ def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int, pee
             for m in PEER_METHODS:
                 out[f"torchdeq_{m}"] = evals_to(torchdeq_fevals(field_fn, z0, m, tol, max_evals))
     out["eq_gap"] = equilibrium_gap(ends["anderson"], ends["fixed_point"])
+    left = {m: None if ends[m] is None else leaves_equilibrium(field_fn, ends[m], 0.5) > 1e-2
+            for m in ("fixed_point", "anderson", "momentum")}
+    passage = left["fixed_point"]
+    out["passages"] = None if passage is None else int(passage.sum())
     for m in ("anderson", "momentum"):
-        out[f"{m}_saddles"] = (None if ends[m] is None else
-                               int((leaves_equilibrium(field_fn, ends[m], 0.5) > 1e-2).sum()))
+        moved = left[m]
+        out[f"{m}_saddles"] = None if moved is None else int((moved & ~passage).sum() if passage is not None
+                                                             else moved.sum())
     return out
 
 
