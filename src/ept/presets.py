@@ -78,9 +78,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     # trained with it, free phase and polish took 348-384 F-evals over 8 batches instead of 614-634
     # with plain iteration, and the EP step 7-20% less time. Retrained with it, val CE 4.464 / 4.441 /
     # 4.448 (plain iteration: 4.453 / 4.447 / 4.449); with the momentum window mom_m 4 (was 8) and
-    # Anderson's running products (roundoff alone moves a 200-step run), 4.452 / 4.447 / 4.446. T1 (20) is also BPTT's unroll (the quality
-    # table's BPTT row); as EP's minimum it costs nothing here: with T1 1 the free phase stopped
-    # shallower and polishing took longer (364 against 348 F-evals on runs/tiny).
+    # Anderson's running products (roundoff alone moves a 200-step run), 4.452 / 4.447 / 4.446. T1
+    # (20) is also BPTT's unroll (the quality table's BPTT row); as EP's minimum it costs nothing
+    # here: with T1 1 the free phase stopped shallower and polishing took longer (364 against 348
+    # F-evals on runs/tiny).
     "tiny": dict(mode="ep", vocab_size=512, C=64, H=4, T=64, c=1.0, emb_std=1.0, B=8, steps=200,
                  lr=3e-3, warmup=10, wsd=0.3, pema=0.99, solver="momentum", T1=20, t1max=100, res_est=1e-3,
                  hr=0.003, asym="linear", t2sel=15, t2_tol=1e-3, polish_res=1e-6, polish_max=30,
