@@ -65,7 +65,7 @@ class _Anderson:
         if k == 1:
             return _unflat(x + self.mix * f, z)
         dF = self.dF[:, :k]
-        new = torch.bmm(dF, (f64 - pf).unsqueeze(-1)).squeeze(-1)  # (B, k) dFᵢ·dF_new
+        new = torch.bmm(dF, dF[:, slot].unsqueeze(-1)).squeeze(-1)  # (B, k) dFᵢ·dF_new
         self.G[:, slot, :k], self.G[:, :k, slot] = new, new
         # Slot i's residual difference to the newest is -Σⱼ dFⱼ over the slots j written after it:
         # ΔF = M·dF with M = -[stamp_j > stamp_i], the same for every row.
