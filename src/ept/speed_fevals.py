@@ -178,9 +178,8 @@ def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int, pee
     passage = left["fixed_point"]
     out["passages"] = None if passage is None else int(passage.sum())
     for m in ("anderson", "momentum"):
-        moved = left[m]
-        out[f"{m}_saddles"] = None if moved is None else int((moved & ~passage).sum() if passage is not None
-                                                             else moved.sum())
+        saddle = left[m] if left[m] is None or passage is None else left[m] & ~passage
+        out[f"{m}_saddles"] = None if saddle is None else int(saddle.sum())
     return out
 
 
