@@ -332,6 +332,11 @@ def test_solver_sweep_counts_only_the_sequences_plain_iteration_settles():
     assert left_out == 1  # the second sequence: plain iteration never settled it
     assert cost == {"plain": (90, 130), "anderson": (400, 410)}  # a miss is charged the cap
     assert sweep.batch_cost({"plain": [None], "anderson": [3]}, 400) == ({}, 1)
+    runs = {"a": {"batch": {"plain": 300, "momentum": 90}}, "b": {"batch": {"plain": 100, "momentum": 40}},
+            "c": {"batch": {"plain": 200, "momentum": 60}}, "none": {"batch": {"plain": 0, "momentum": 0}}}
+    spread = sweep.per_run_spread(runs, ["momentum"])["momentum"]
+    # Per run 0.3, 0.4, 0.3 (the run plain iteration settled nothing on is left out); pooled it is 0.317.
+    assert spread == {"min": 0.3, "median": 0.3, "max": 0.4, "at_or_under_third": 2, "runs": 3}
 
 
 def test_the_bench_cosine_is_void_where_the_oracle_refined_z_star_away(monkeypatch):
