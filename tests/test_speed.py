@@ -142,6 +142,42 @@ def test_trained_operator_is_cached_and_reloaded(tmp_path, monkeypatch):
         assert torch.equal(v, again.state_dict()[k])
 
 
+def test_an_operator_the_bench_training_blew_up_is_refused_and_never_cached(tmp_path, monkeypatch, capsys):
+    """At the small preset the bench's 300 EP steps once took the loss from 7.64 to 13.3; that block was
+    cached and would have been measured as "the trained operator" by every later run."""
+    cfg = ept.EPTConfig(vocab_size=50, C=16, H=2, T=8)
+    torch.manual_seed(0)
+    model = ept.EquilibriumLM(cfg)
+    assert fe.operator_trouble([7.6, 7.0, 6.1, 5.9, 6.0], model) is None
+    assert fe.operator_trouble([7.6, float("nan"), 6.0], model) is None  # a skipped step is no trouble
+    assert "rose from 7.600" in fe.operator_trouble([7.6, 7.0, 9.0, 13.0, 13.3], model)
+    assert "3 of its 5 EP steps blew up" in fe.operator_trouble([7.6, *[float("nan")] * 3, 7.0], model)
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    assert fe.operator_trouble([7.6, 7.0], model) == "its weights are not finite"
+
+    monkeypatch.setenv("EPT_CACHE", str(tmp_path))
+    monkeypatch.setattr(fe, "train_ep", lambda *a, **k: [7.6, 9.0, 13.3])
+    tokens = torch.randint(0, 50, (500,)).numpy()
+    with pytest.raises(fe.OperatorBlewUp, match="13.300"):
+        fe.trained_model(cfg, tokens, "k", B=4, steps=3, opts={})
+    assert not list(tmp_path.iterdir())  # nothing cached: the next run trains again
+
+    def blown_up(*a, **k):
+        raise fe.OperatorBlewUp("the benchmark's own 300-step EP training blew the operator up (x)")
+
+    class Tokens:
+        vocab_size, train, key = 50, tokens, "k"
+
+    from ept import speed_bench
+
+    monkeypatch.setattr(speed_bench, "load_tokens", lambda vocab: Tokens)
+    monkeypatch.setattr(fe, "trained_model", blown_up)
+    assert main(["bench", "speed", "--preset", "small"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ept train --preset small --out RUN" in err and "--ckpt RUN" in err
+
+
 def test_trained_operator_from_a_checkpoint_is_its_ema_unless_asked(tmp_path, monkeypatch):
     """`bench speed --ckpt` measures the weights eval/generate use (the EMA); --weights model the raw ones."""
     from ept import checkpoint as ck

@@ -194,8 +194,12 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] = print, compile_fiel
     setup = preset_setup(cfg.preset, cfg.ep_set)
     data = load_tokens(setup["model"].vocab_size)
     model_cfg = dataclasses.replace(setup["model"], vocab_size=data.vocab_size)
-    model, weights_file = fe.trained_model(model_cfg, data.train, data.key, setup["B"], cfg.train_steps,
-                                           setup["ep"], log=log, ckpt=ckpt, weights=weights)
+    try:
+        model, weights_file = fe.trained_model(model_cfg, data.train, data.key, setup["B"], cfg.train_steps,
+                                               setup["ep"], log=log, ckpt=ckpt, weights=weights)
+    except fe.OperatorBlewUp as e:
+        raise ValueError(f"{e}: train one with `ept train --preset {cfg.preset} --out RUN` "
+                         "and pass `--ckpt RUN`") from None
     batches = [fixed_batch(data.train, setup["B"], model_cfg.T, seed=1234 + i)
                for i in range(cfg.solver_batches)]
     opts = {**setup, "T1": cfg.T1}

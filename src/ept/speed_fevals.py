@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -201,21 +203,25 @@ def cache_dir() -> Path:
 
 
 def _train_key(cfg: ept.EPTConfig, steps: int, opts: dict[str, Any], data_key: str) -> str:
-    blob = json.dumps([cfg.to_dict(), steps, opts, data_key, "speed-v1"], sort_keys=True, default=str)
+    # v2: v1 cached whatever the training left, blown up or not (operator_trouble now refuses those).
+    blob = json.dumps([cfg.to_dict(), steps, opts, data_key, "speed-v2"], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def train_ep(model: EquilibriumLM, tokens: Any, B: int, steps: int, opts: dict[str, Any], lr: float = 3e-3,
-             seed: int = 0, log: Callable[[str], None] | None = None) -> EquilibriumLM:
-    """A few hundred EP steps with AdamW: enough to move the operator away from its easy initial state."""
+             seed: int = 0, log: Callable[[str], None] | None = None) -> list[float]:
+    """A few hundred EP steps with AdamW: enough to move the operator away from its easy initial state.
+    Returns each step's loss at its free equilibrium (nan where the step blew up and was skipped)."""
     from ept.data import get_batch
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     params = dict(model.named_parameters())
+    losses: list[float] = []
     for step in range(steps):
         idx, tgt = get_batch(tokens, B, model.cfg.T, gen)
         grads, stats = ept.gradient(model, idx, tgt, route="ep", **opts)
+        losses.append(math.nan if stats["diverged"] else float(stats["loss"]))
         if stats["diverged"]:
             continue
         for name, p in params.items():
@@ -225,7 +231,32 @@ def train_ep(model: EquilibriumLM, tokens: Any, B: int, steps: int, opts: dict[s
         opt.zero_grad(set_to_none=True)
         if log and (step % 50 == 0 or step == steps - 1):
             log(f"train step {step}: loss {stats['loss']:.3f}, free fevals {stats['free_fevals']}")
-    return model
+    return losses
+
+
+class OperatorBlewUp(ValueError):
+    """The bench's own short EP training did not give a trained operator to measure."""
+
+
+_BLOWN_UP = 1.1  # the last tenth's median loss over the first step's: an operator training made worse
+
+
+def operator_trouble(losses: list[float], model: EquilibriumLM) -> str | None:
+    """Why the operator :func:`train_ep` left is not a trained one to measure, or None.
+
+    Its weights are not finite; most steps blew up; or the loss rose (the last tenth's median above
+    1.1x the first step's): a blown-up block's equilibria are not what training gives. At the small
+    preset the bench's 300 steps took the loss from 7.64 to 13.3 with the free phase at its cap.
+    """
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return "its weights are not finite"
+    taken = [x for x in losses if math.isfinite(x)]
+    if len(taken) <= len(losses) / 2:
+        return f"{len(losses) - len(taken)} of its {len(losses)} EP steps blew up"
+    tail = statistics.median(taken[-max(1, len(taken) // 10):])
+    if tail > _BLOWN_UP * taken[0]:
+        return f"its loss rose from {taken[0]:.3f} at the first step to {tail:.3f} over the last tenth"
+    return None
 
 
 def trained_model(cfg: ept.EPTConfig, tokens: Any, data_key: str, B: int, steps: int, opts: dict[str, Any],
@@ -255,7 +286,11 @@ def trained_model(cfg: ept.EPTConfig, tokens: Any, data_key: str, B: int, steps:
     else:
         if log:
             log(f"training the benchmark's operator ({steps} EP steps); cached as {path}")
-        train_ep(model, tokens, B, steps, opts, log=log)
+        losses = train_ep(model, tokens, B, steps, opts, log=log)
+        trouble = operator_trouble(losses, model)
+        if trouble:  # never cached: a later run would measure it without this warning
+            raise OperatorBlewUp(f"the benchmark's own {steps}-step EP training blew the operator up "
+                                 f"({trouble})")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
