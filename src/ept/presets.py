@@ -92,9 +92,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # context: plain iteration at eps 0.5 oscillated, Anderson left 4 of 16 sequences at residuals 1-3
     # and `ept train --preset small` stopped at step 0 (init_std 0.01 was the earlier workaround: 53
     # F-evals). With emb_std 1.0 the first batch settles in 8 F-evals and nudges in 6.
+    # The free phase is the heavy ball (solver momentum), as at tiny: Anderson settles on saddles of a
+    # trained block, and a nudged phase started at a saddle blows up. `ept train --preset small --steps
+    # 300` with Anderson: the nudged phase blew up at steps 36, 44 and 51 (lr down to 1/8, loss 7.43 at
+    # step 40); with tiny's nudge settings (asym linear, hr 0.003, polish, drop_res, resreg) at 43; with
+    # jacreg 0.1 at 49, 47 and 46. With momentum: first at step 112, at the full lr, and loss 5.76 at
+    # step 120 after that one rollback. No 3000-step run has been made with either solver.
     "small": dict(mode="ep", vocab_size=2048, C=128, H=4, T=128, c=1.0, emb_std=1.0, B=16, steps=3000,
-                  lr=2e-3, warmup=100, wsd=0.25, pema=0.999, T1=8, t1max=100, res_est=1e-4, hr=0.02, t2sel=60,
-                  t2_tol=1e-4, qknorm=True, log_every=20, eval_every=250, eval_batches=16, ckpt_every=250),
+                  lr=2e-3, warmup=100, wsd=0.25, pema=0.999, solver="momentum", T1=8, t1max=100, res_est=1e-4,
+                  hr=0.02, t2sel=60, t2_tol=1e-4, qknorm=True, log_every=20, eval_every=250, eval_batches=16,
+                  ckpt_every=250),
     # The seed's canonical recipe (GPU scale): every value as in DESIGN.md §4, and emb_std 1.0 (PyTorch's
     # nn.Embedding default): with embeddings at 0.02 the initial free phase never settled (worst
     # residual 1-2 after 150 F-evals, plain or Anderson) and `ept train` stopped at step 0; at 1.0 it
