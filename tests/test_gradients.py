@@ -388,6 +388,30 @@ def test_a_row_polishing_cannot_improve_keeps_its_free_phase_state(problem):
     assert st2.residual_per_seq[1] == 0.0 and st2.residual_max <= 1e-10
 
 
+def test_polishing_leaves_rows_the_free_phase_did_not_bring_near_an_equilibrium(problem):
+    """A root finder started far from the attractor travels to roots the relaxation never reaches:
+    rows above polish_from × res_est keep their state and residual (and drop_res then judges them)."""
+    import dataclasses
+
+    from ept.grad import split_options
+    from ept.grad.common import free_phase
+    from ept.grad.ep import polish
+
+    model, idx, _, _ = problem
+    solver, cfg = split_options("ep", dict(solver="fixed_point", res_est=1e-3, polish_res=1e-10,
+                                           polish_max=100, polish_from=3.0))
+    x = model.inject(idx).detach()
+    z, st = free_phase(model, x, solver)
+    claimed = st.residual_per_seq.clone()
+    claimed[2] = 3.1e-3  # just beyond 3 × res_est: too far to polish
+    z2, st2, n = polish(model, x, z, dataclasses.replace(st, residual_per_seq=claimed), solver, cfg)
+    assert n > 0 and torch.equal(z2[2], z[2]) and st2.residual_per_seq[2] == claimed[2]
+    assert not torch.equal(z2[0], z[0]) and st2.residual_per_seq[0] <= 1e-10
+    far = dataclasses.replace(st, residual_per_seq=torch.full_like(claimed, 1.0))
+    z3, st3, n3 = polish(model, x, z, far, solver, cfg)  # nothing near: no polish at all
+    assert n3 == 0 and torch.equal(z3, z) and st3 is far
+
+
 def test_polishing_refines_in_place_without_the_stall_escapes_long_steps(problem, monkeypatch):
     """A sequence polishing stalls on has no equilibrium near z*: it takes plain steps, never the
     free solver's long projective ones, which would carry it towards another attractor."""

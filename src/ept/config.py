@@ -229,6 +229,10 @@ class EPConfig:
     # a row that polishing does not improve keeps its free-phase state.
     polish_res: float = 0.0
     polish_max: int = 40
+    # Polish only the sequences the free phase brought within this × its res_est: farther out a
+    # root finder travels (30-100% of ||z*|| on a drifting tiny block) to roots the relaxation never
+    # reaches, and EP would train on equilibria that evaluation, which does not polish, never sees.
+    polish_from: float = 3.0
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -245,8 +249,8 @@ class EPConfig:
             raise ValueError(f"drop_res must be > 0 (inf: keep every sequence), got {self.drop_res}")
         if not 0 <= self.retry_hr < 1:
             raise ValueError(f"retry_hr must be in [0, 1) (0: no retry), got {self.retry_hr}")
-        if self.polish_res < 0 or self.polish_max < 1:
-            raise ValueError(f"polish needs polish_res >= 0 (0: off) and polish_max >= 1, got "
-                             f"polish_res={self.polish_res}, polish_max={self.polish_max}")
+        if self.polish_res < 0 or self.polish_max < 1 or not self.polish_from > 0:
+            raise ValueError(f"polish needs polish_res >= 0 (0: off), polish_max >= 1 and polish_from > 0, "
+                             f"got {self.polish_res}, {self.polish_max}, {self.polish_from}")
         if self.nudge_solver not in SOLVER_METHODS:
             raise ValueError(f"nudge_solver '{self.nudge_solver}' is not one of {', '.join(SOLVER_METHODS)}")

@@ -26,7 +26,8 @@ MODEL_FLAGS = ("vocab_size", "C", "H", "T", "c", "qknorm", "attn_mode", "ffn_mul
 SOLVER_FLAGS = ("eps", "T1", "t1max", "res_est", "m", "lam", "accel_from", "restart", "stall", "proj_every",
                 "proj_jump", "mom_m", "mom_lo", "mom_restart")
 EP_FLAGS = ("estimator", "holo", "hr", "track", "asym", "T2", "t2sel", "t2_tol", "nudge_solver", "nudge_m",
-            "nudge_lam", "retry_hr", "drop_res", "drop_unsettled", "polish_res", "polish_max")
+            "nudge_lam", "retry_hr", "drop_res", "drop_unsettled", "polish_res", "polish_max",
+            "polish_from")
 CONTROL_FLAGS = ("resreg", "jacreg", "jr_floor", "jr_max", "jr_target", "jr_up", "jr_decay", "hutch",
                  "eigreg", "eig_margin", "eig_iters")
 TRAIN_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig))

@@ -77,6 +77,7 @@ HELP = {
     "drop_res": "leave sequences whose free residual ends above this out of the EP gradient",
     "polish_res": "refine z* with Anderson to this residual before nudging (0: off)",
     "polish_max": "F-evaluations the polish may take",
+    "polish_from": "polish only sequences whose free residual is within this x --res_est",
     "drop_unsettled": "leave sequences whose adaptive nudged estimate has not settled at --t2sel out of the "
                       "EP gradient",
     "jr_target": "jacreg: free-phase residual above which the weight rises",
@@ -192,6 +193,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ("drop_res", float),
         ("polish_res", float),
         ("polish_max", int),
+        ("polish_from", float),
     ):
         phase.add_argument(f"--{name}", type=typ, default=argparse.SUPPRESS, help=HELP.get(name))
     phase.add_argument("--track", action="store_true", default=argparse.SUPPRESS, help=HELP["track"])

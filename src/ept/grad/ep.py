@@ -180,7 +180,8 @@ def ep_gradient(
     stats.update(T2=nudge_stats.fevals, polish_fevals=polish_fevals, free_unsettled=free_unsettled,
                  nudged_states=len(contour(cfg)[0]),
                  nudged_retry=float(retried),
-                 dropped_seqs=float(B - int(keep.sum())), kept=keep, z_star=z_star, lam=lam)
+                 dropped_seqs=float(B - int(keep.sum())), dropped_seqs_max=float(B - int(keep.sum())),
+                 kept=keep, z_star=z_star, lam=lam)
     return grads, stats
 
 
@@ -193,8 +194,8 @@ def polish(model: EquilibriumLM, x: Tensor, z_star: Tensor, stats: SolveStats, s
     """z* refined by Anderson to ``cfg.polish_res`` (see :class:`EPConfig`), the free phase's stats
     updated to the refined state (its F-evals included), and the polishing F-evals.
 
-    A row keeps its free-phase state unless polishing lowered its residual; a polish that blows up
-    changes nothing.
+    Only the rows within ``cfg.polish_from`` × ``solver.res_est`` are polished; a row keeps its
+    free-phase state unless polishing lowered its residual; a polish that blows up changes nothing.
     """
     assert stats.residual_per_seq is not None
     # Next to an equilibrium the secant model is good from the first step: no plain-step gate, and
@@ -206,18 +207,23 @@ def polish(model: EquilibriumLM, x: Tensor, z_star: Tensor, stats: SolveStats, s
     pcfg = dataclasses.replace(solver, method="anderson", T1=0, t1max=cfg.polish_max, res_est=cfg.polish_res,
                                accel_from=math.inf, m=cfg.nudge_m, lam=cfg.nudge_lam, stall=_POLISH_STALL,
                                proj_jump=0.0)
-    z, pst = free_phase(model, x, pcfg, z0=z_star)
+    before = stats.residual_per_seq
+    near = before.to(x.device) <= solver.res_est * cfg.polish_from
+    if not bool(near.any()):
+        return z_star, stats, 0
+    rows = near.nonzero().flatten()
+    zn, pst = free_phase(model, x[rows], pcfg, z0=z_star[rows])
     out = dataclasses.replace(stats, fevals=stats.fevals + pst.fevals, history=stats.history + pst.history,
                               row_fevals=stats.row_fevals + pst.row_fevals)
     if pst.diverged or pst.residual_per_seq is None:
         return z_star, out, pst.fevals
-    before = stats.residual_per_seq
-    better = pst.residual_per_seq.to(before.device) < before
-    mask = better.to(z.device).view(-1, *([1] * (z.dim() - 1)))
-    res = torch.where(better, pst.residual_per_seq.to(before.device), before)
+    res, z = before.clone(), z_star.clone()
+    better = pst.residual_per_seq.to(before.device) < before[rows.cpu()]
+    res[rows.cpu()[better]] = pst.residual_per_seq.to(before.device)[better]
+    z[rows[better.to(rows.device)]] = zn[better.to(zn.device)]
     out.residual_per_seq, out.residual, out.residual_max = res, res.mean().item(), res.max().item()
     out.converged = bool((res <= solver.res_est).all())
-    return torch.where(mask, z, z_star), out, pst.fevals
+    return z, out, pst.fevals
 
 
 def _lambda_of(model: EquilibriumLM, x: Tensor, targets: Tensor, z_star: Tensor, keep: Tensor,
