@@ -74,6 +74,29 @@ def test_save_load_round_trip_and_pruning(tmp_path) -> None:
     _assert_same(opt.state_dict(), opt2.state_dict())
 
 
+def test_saving_the_current_step_again_keeps_the_pointer_valid(tmp_path, monkeypatch) -> None:
+    """After a rollback past a checkpoint the run saves that step again: the new copy replaces the
+    old one, and at the moment the old one is deleted the pointer already names the new one."""
+    model, opt = _model_and_optimizer()
+    ckpt.save_checkpoint(tmp_path, 5, {"model": model.state_dict()}, _state(model, opt, 5))
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    seen = []
+    real_rmtree = ckpt.shutil.rmtree
+
+    def watch(path, *a, **k):
+        if path == tmp_path / "ckpt-0000005":
+            seen.append(ckpt.load_checkpoint(tmp_path).weights["model"]["head.weight"].clone())
+        return real_rmtree(path, *a, **k)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", watch)
+    ckpt.save_checkpoint(tmp_path, 5, {"model": model.state_dict()}, _state(model, opt, 5))
+    assert len(seen) == 1 and torch.equal(seen[0], model.head.weight)  # the pointer named the new copy
+    loaded = ckpt.load_checkpoint(tmp_path)
+    assert loaded.path.name == "ckpt-0000005" and torch.equal(loaded.weights["model"]["head.weight"],
+                                                             model.head.weight)
+
+
 @pytest.mark.parametrize("damage, word", [("truncate", "truncated"), ("flip", "corrupt")])
 def test_damaged_checkpoint_gives_a_clear_error(tmp_path, damage: str, word: str) -> None:
     model, opt = _model_and_optimizer()

@@ -153,6 +153,17 @@ def test_eval_and_generate_use_the_runs_tokenizer(trained_run: Path, corpus_file
     assert gen["tokens"] == 5 and gen["prompt"] == "ROMEO:"
 
 
+def test_eval_and_generate_take_the_best_checkpoint_with_best(trained_run: Path, corpus_file, capsys,
+                                                             tmp_path) -> None:
+    pointer = json.loads((trained_run / "best" / "latest.json").read_text())
+    assert main(["eval", "--ckpt", str(trained_run), "--data", str(corpus_file), "--best"]) == 0
+    assert f"best checkpoint, step {pointer['step']}," in capsys.readouterr().out
+    assert main(["generate", "--ckpt", str(trained_run), "--best", "--tokens", "3"]) == 0
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    _usage_error(capsys, ["eval", "--ckpt", str(bare), "--data", str(corpus_file), "--best"], "no best")
+
+
 def test_seed_spelling_state_resumes_and_steps_extend(trained_run: Path, tmp_path, capsys) -> None:
     run = tmp_path / "myrun"
     shutil.copytree(trained_run, run)

@@ -167,6 +167,36 @@ def test_persistent_divergence_stops_with_the_last_good_checkpoint(tokens, tmp_p
     assert ckpt.load_checkpoint(tmp_path).state["train"]["step"] == 2
 
 
+def test_the_best_val_checkpoint_is_kept_and_named_when_training_stops(tokens, tmp_path) -> None:
+    """RUN/best holds the checkpoint of the lowest periodic val CE, survives the rollbacks (the step
+    state they restore must not forget a newer best), and the final error names it."""
+    from ept.train import TrainingDiverged, apply_update
+
+    # Rollbacks return to step 4 (the last logged step), past which steps 5 and 6 are evaluated
+    # again, at a lower learning rate: a new best before the rollback must stay the best.
+    cfg = small_cfg(tokens, mode="bp", steps=12, ckpt_every=2, eval_every=1, log_every=4, max_rollbacks=2,
+                    lr=3e-3)
+
+    def poisoned_after_six(model, optimizer, grads, lr, clip):
+        norm = apply_update(model, optimizer, grads, lr, clip)
+        if optimizer.state_dict()["state"][0]["step"] > 6:
+            with torch.no_grad():
+                model.head.weight.fill_(math.inf)
+        return norm
+
+    with pytest.raises(TrainingDiverged) as err:
+        train(cfg, tokens, tmp_path, log=quiet, update=poisoned_after_six)
+    records = map(json.loads, (tmp_path / METRICS_FILE).read_text().splitlines())
+    vals = [(r["step"], r["val_ce"]) for r in records if "val_ce" in r and "event" not in r]
+    step, best = min(vals, key=lambda v: v[1])
+    assert step > 0 and best < vals[0][1]
+    pointer = ckpt.best_pointer(tmp_path)
+    assert pointer["step"] == step and pointer["val_ce"] == best
+    loaded = ckpt.load_checkpoint(tmp_path / ckpt.BEST)
+    assert loaded.state["train"]["step"] == step and ckpt.run_folder_of(loaded.path) == tmp_path
+    assert f"val CE {best:.4f} at step {step}" in str(err.value) and "--best" in str(err.value)
+
+
 def test_bp_baseline_is_a_weight_tied_explicit_stack() -> None:
     torch.manual_seed(0)
     model = EquilibriumLM(EPTConfig(vocab_size=30, C=8, H=2, T=6))

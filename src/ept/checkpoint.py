@@ -6,6 +6,8 @@
     RUN/ckpt-0000200/state.safetensors  optimizer moments, RNG states, controller tensors
     RUN/ckpt-0000200/state.json         the rest of the training state, tensors as references
     RUN/ckpt-0000200/manifest.json      size and sha256 of every file above
+    RUN/best/                           the checkpoint with the best periodic val CE, laid out as
+                                        a run folder of its own (best/latest.json names it and its val CE)
 
 A checkpoint is written into a temporary folder, every file fsynced, then renamed into place, and
 only then does the pointer move (itself temp file + fsync + rename). A crash at any moment leaves
@@ -32,6 +34,7 @@ from safetensors.torch import save as st_save
 from torch import Tensor
 
 LATEST = "latest.json"
+BEST = "best"
 MANIFEST = "manifest.json"
 STATE_JSON = "state.json"
 STATE_TENSORS = "state"
@@ -141,9 +144,13 @@ def save_checkpoint(
     weights: dict[str, dict[str, Tensor]],
     state: dict[str, Any],
     keep: int = 2,
+    meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint ``step`` of the run and point ``latest.json`` at it; returns its folder."""
+    """Write checkpoint ``step`` of the run and point ``latest.json`` at it; returns its folder.
+
+    ``meta`` (JSON values) is written into the pointer beside the checkpoint's name and step."""
     run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     tree = flatten(state, tensors)
     blobs = {f"{stem}.safetensors": st_save({k: v.detach().cpu().contiguous() for k, v in sd.items()})
@@ -156,20 +163,25 @@ def save_checkpoint(
 
     final = run / checkpoint_name(step)
     tmp = Path(tempfile.mkdtemp(dir=run, prefix=f".tmp-{final.name}-"))
+    pointed = False  # the pointer names tmp: it must outlive a failure
     try:
         for name, data in blobs.items():
             _write_file(tmp / name, data)
         _fsync_dir(tmp)
-        if final.exists():  # a leftover of a crash after the rename but before the pointer moved
+        if final.exists():
             if _pointer_target(run) == final.name:
-                raise CheckpointError(f"refusing to overwrite the current checkpoint {final}")
-            shutil.rmtree(final)
+                # The step is saved again after a rollback past it: the pointer first names the new,
+                # complete copy, so no moment leaves it naming a missing or half-replaced checkpoint.
+                write_json(run / LATEST, {"checkpoint": tmp.name, "step": step, **(meta or {})})
+                pointed = True
+            shutil.rmtree(final)  # else a leftover of a crash after the rename, before the pointer moved
         os.replace(tmp, final)
         _fsync_dir(run)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not pointed:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    write_json(run / LATEST, {"checkpoint": final.name, "step": step})
+    write_json(run / LATEST, {"checkpoint": final.name, "step": step, **(meta or {})})
     _prune(run, keep, final.name)
     return final
 
@@ -212,6 +224,21 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"'{p / LATEST}' is corrupt or names a missing checkpoint: pass one of the "
                               f"run's ckpt-* folders explicitly ({_list_ckpts(p)})")
     return p / target
+
+
+def run_folder_of(ckpt_dir: Path) -> Path:
+    """The run folder (config.json, tokenizer.json) a checkpoint folder belongs to: its parent, or
+    the parent's parent for a checkpoint inside the run's ``best/``."""
+    parent = ckpt_dir.parent
+    return parent.parent if parent.name == BEST and not (parent / "config.json").is_file() else parent
+
+
+def best_pointer(run_dir: str | Path) -> dict[str, Any] | None:
+    """``RUN/best/latest.json`` ({"checkpoint", "step", "val_ce"}), or None when the run has no best."""
+    try:
+        return json.loads((Path(run_dir) / BEST / LATEST).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _list_ckpts(run: Path) -> str:

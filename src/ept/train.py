@@ -115,6 +115,8 @@ class TrainState:
     rollbacks: int = 0
     bad_steps: int = 0  # consecutive steps whose free phase missed div_res
     seconds: float = 0.0  # training wall time over all sessions of the run
+    best_val: float = math.inf  # the best periodic val CE so far (its checkpoint is RUN/best)
+    best_step: int = 0
 
 
 @dataclass
@@ -231,14 +233,38 @@ def eval_model(s: Session) -> Predictor:
     return Predictor.for_run(model, s.cfg)
 
 
-def save(s: Session, run: Path, analog: AnalogSession | None = None) -> Path:
+def save(s: Session, run: Path, analog: AnalogSession | None = None, best: bool = False) -> Path:
+    """Checkpoint the session into ``run`` (``best``: into ``run/best``, the one checkpoint kept
+    there, its val CE in the pointer)."""
     weights = {"model": s.model.state_dict()}
     if s.ema is not None:
         weights["ema"] = s.ema.weights()
     state = session_state(s)
     if analog is not None:
         state["analog"] = analog.state_dict()
+    if best:
+        return ckpt.save_checkpoint(run / ckpt.BEST, s.state.step, weights, state, keep=1,
+                                    meta={"val_ce": s.state.best_val})
     return ckpt.save_checkpoint(run, s.state.step, weights, state, keep=s.cfg.train.keep)
+
+
+def note_val(s: Session, val: float, run: Path | None, analog: AnalogSession | None = None) -> bool:
+    """Record a periodic val CE; a new best is checkpointed into ``run/best``. True if it was one."""
+    if not val < s.state.best_val:  # NaN is never a best
+        return False
+    s.state.best_val, s.state.best_step = float(val), s.state.step
+    if run is not None:
+        save(s, run, analog, best=True)
+    return True
+
+
+def best_note(run: Path | None) -> str:
+    """'; the best model (val CE X at step S) is RUN/best: ...' or '' when the run kept none."""
+    best = None if run is None else ckpt.best_pointer(run)
+    if best is None or "val_ce" not in best:
+        return ""
+    return (f"; its best model (val CE {best['val_ce']:.4f} at step {best['step']}) is kept in "
+            f"{run / ckpt.BEST}: ept eval --ckpt {run} --best")
 
 
 class MetricsLog:
@@ -326,6 +352,7 @@ def rollback(s: Session, snapshot: dict[str, Any], reason: str, metrics: Metrics
     load_session_state(s, snapshot)
     s.batches.set_state(stream)
     s.state.rollbacks = failed.rollbacks + 1
+    s.state.best_val, s.state.best_step = failed.best_val, failed.best_step  # best/ on disk stays the best
     s.state.lr_scale = failed.lr_scale * (1.0 if initial else t.lr_backoff)
     event = {"event": "rollback", "step": failed.step, "to_step": s.state.step, "reason": reason,
              "lr_scale": s.state.lr_scale}
@@ -436,6 +463,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
         first = _evaluate(s, data, t.eval_batches)
         first_val = last_val = first["val_ce"]
         metrics.write({"step": 0, **first})
+        note_val(s, first_val, run, devices)
     snapshot, base_seconds, t0 = rollback_point(s, devices), s.state.seconds, time.time()
     window: list[dict[str, Any]] = []
     tick, tick_step = time.time(), s.state.step
@@ -450,7 +478,10 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
             stats["grad_norm"] = update(s.model, s.optimizer, grads, lr, t.clip)
             reason = None if weights_finite(s) else NONFINITE_UPDATE
         if reason is not None:
-            rollback(s, snapshot, reason, metrics, log, devices)
+            try:
+                rollback(s, snapshot, reason, metrics, log, devices)
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"{e}{best_note(run)}") from None
             window.clear()
             tick, tick_step = time.time(), s.state.step
             continue
@@ -465,9 +496,10 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
             if warning:
                 metrics.write({"step": step, "event": "hopf_warning", "message": warning})
                 log(f"step {step}: {warning}")
-        if step % t.eval_every == 0 and step < t.steps:
+        if step % t.eval_every == 0 or step == t.steps:
             last_val = _evaluate(s, data, t.eval_batches)["val_ce"]
             metrics.write({"step": step, "val_ce": last_val})
+            note_val(s, last_val, run, devices)
         if step % t.log_every == 0 or step == end:
             rec = _window_record(window, step, lr, (step - tick_step) / max(time.time() - tick, 1e-9))
             metrics.write(rec)

@@ -29,14 +29,24 @@ class LoadedRun:
     weights: str  # "ema" or "model"
 
 
-def load_run(path: str | Path, raw: bool = False) -> LoadedRun:
-    """A trained run, ready to evaluate or sample. Bad folders raise UsageError."""
+def best_folder(path: str | Path) -> Path:
+    """``RUN/best``, the run's best-val checkpoint; UsageError naming the fix when it has none."""
     p = Path(path)
+    if p.name != ckpt.BEST and ckpt.best_pointer(p) is None:
+        raise UsageError(f"'{p}' holds no best checkpoint ({ckpt.BEST}/ is written by 'ept train' at each "
+                         "periodic evaluation that lowers val CE): give its run folder, or drop --best")
+    return p if p.name == ckpt.BEST else p / ckpt.BEST
+
+
+def load_run(path: str | Path, raw: bool = False, best: bool = False) -> LoadedRun:
+    """A trained run, ready to evaluate or sample (``best``: its best-val checkpoint). Bad folders
+    raise UsageError."""
+    p = best_folder(path) if best else Path(path)
     try:
         ck = ckpt.load_checkpoint(p, only=("model", "ema"))
     except ckpt.CheckpointError as e:
         raise UsageError(str(e)) from None
-    run = ck.path.parent
+    run = ckpt.run_folder_of(ck.path)
     try:
         cfg = RunConfig.from_dict(json.loads((run / CONFIG_FILE).read_text()))
         tok = load_tokenizer(run / TOKENIZER_FILE)
@@ -82,6 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, metavar="FILE", help="text file to evaluate on")
     p.add_argument("--B", type=int, default=32, help="sequences per batch")
     p.add_argument("--raw", action="store_true", help="evaluate the raw weights instead of the EMA")
+    p.add_argument("--best", action="store_true", help="the run's best-val checkpoint (RUN/best) instead of "
+                   "its latest")
     p.add_argument("--json", action="store_true", help='print one last line {"val_ce": ..., "tokens": ...}')
     p.set_defaults(func=run_eval)
 
@@ -89,7 +101,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     if args.B <= 0:
         raise UsageError(f"--B must be positive, got {args.B}: pass a batch size > 0")
-    run = load_run(args.ckpt, raw=args.raw)
+    run = load_run(args.ckpt, raw=args.raw, best=args.best)
     ids = np.asarray(run.tokens.encode(read_text_file(args.data)), dtype=np.int64)
     if len(ids) < 2:
         raise UsageError(f"data file '{args.data}' has {len(ids)} token(s): evaluation needs at least 2")
@@ -98,8 +110,9 @@ def run_eval(args: argparse.Namespace) -> int:
         out = mean_ce(run.predictor, ids, run.cfg.model.T, args.B)
     except DataError as e:
         raise UsageError(str(e)) from None
-    print(f"val CE {out['val_ce']:.4f} nats/token over {out['tokens']} tokens ({run.weights} weights, step "
-          f"{run.step}, {time.time() - t0:.1f} s)")
+    which = "best" if args.best else "latest"
+    print(f"val CE {out['val_ce']:.4f} nats/token over {out['tokens']} tokens ({run.weights} weights, "
+          f"{which} checkpoint, step {run.step}, {time.time() - t0:.1f} s)")
     if args.json:
         print(json.dumps({"val_ce": out["val_ce"], "tokens": out["tokens"]}))
     return 0

@@ -30,7 +30,7 @@ def load_run(path: str) -> tuple[Any, EquilibriumLM]:
 
     try:
         ckpt_dir = ck.resolve_checkpoint(path)
-        folders = (Path(path), ckpt_dir.parent)
+        folders = (Path(path), ck.run_folder_of(ckpt_dir))
         config = next((p / "config.json" for p in folders if (p / "config.json").is_file()), None)
         if config is None:
             raise UsageError(f"'{path}' has no config.json: give a run folder written by 'ept train --out'")

@@ -25,6 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--top_k", type=int, default=40, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--best", action="store_true", help="the run's best-val checkpoint (RUN/best)")
     p.add_argument("--json", action="store_true", help="print one last JSON line with the text")
     p.set_defaults(func=run_generate)
 
@@ -34,7 +35,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--tokens must be positive, got {args.tokens}")
     if args.temperature < 0 or args.top_k < 0:
         raise UsageError("--temperature and --top_k must be >= 0 (0: greedy / no top-k cut)")
-    run = load_run(args.ckpt, raw=args.raw)
+    run = load_run(args.ckpt, raw=args.raw, best=args.best)
     prompt = run.tokens.encode(args.prompt) if args.prompt else []
     prompt = prompt or [run.tokens.eot_id]  # an empty prompt starts a new document
     gen = torch.Generator().manual_seed(args.seed)
