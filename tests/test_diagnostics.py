@@ -200,3 +200,27 @@ def test_fingerprint_keys_and_val_ce(contractive):
         solver = SolverConfig(res_est=1e-10, t1max=200)
         ces = [model.loss(free_phase(model, model.inject(i), solver)[0], t).item() for i, t in batches]
     assert fp["val_ce"] == pytest.approx((2 * ces[0] + ces[1]) / 3, rel=1e-6)
+
+
+def test_contraction_watch_warns_once_per_signal_and_not_on_a_steady_run() -> None:
+    from ept.diagnostics import ContractionWatch
+
+    def log(step, fevals, dropped=0.0):
+        return {"step": step, "loss": 4.0, "T1": fevals, "dropped_seqs_max": dropped}
+
+    steady = ContractionWatch("try X")
+    assert not any(steady.update(log(10 * i, 20 + i % 3)) for i in range(40))
+    assert not steady.update({"step": 400, "event": "diag", "numerical_abscissa": -0.3})
+
+    watch = ContractionWatch("try X")
+    got = [w for i in range(5) for w in watch.update(log(10 * i, 20))]
+    got += [w for i in range(5, 7) for w in watch.update(log(10 * i, 45))]
+    assert got == []  # the median of the last three logs is still 20
+    (w,) = watch.update(log(70, 45))
+    assert w["signal"] == "fevals" and "from 20 to 45" in w["message"] and w["message"].endswith("try X")
+    assert watch.update(log(80, 90)) == []  # once
+    assert watch.update(log(90, 90, 1.0)) == [] and watch.update(log(100, 90, 2.0)) == []
+    (w,) = watch.update(log(110, 90, 1.0))
+    assert w["signal"] == "dropped" and "up to 2" in w["message"]
+    (w,) = watch.update({"step": 120, "event": "diag", "numerical_abscissa": -0.01})
+    assert w["signal"] == "omega"

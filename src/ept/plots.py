@@ -68,10 +68,14 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:
 
 def finish_run_figure(fig: plt.Figure, axes: list[plt.Axes], records: list[dict], path: str | Path,
                       title: str = "", rollback_ls: str = "--") -> Path:
-    """Mark every rollback of the run on every panel, add the title, and save the PNG."""
-    for step in (r["step"] for r in records if r.get("event") == "rollback" and "step" in r):
-        for a in axes:
-            a.axvline(step, color="red", lw=0.8, ls=rollback_ls)
+    """Mark every rollback (red) and early warning (orange) of the run on every panel, add the
+    title, and save the PNG."""
+    colours = {"rollback": "red", "contraction_warning": "orange", "hopf_warning": "orange"}
+    for r in records:
+        if r.get("event") in colours and "step" in r:
+            ls = rollback_ls if r["event"] == "rollback" else ":"
+            for a in axes:
+                a.axvline(r["step"], color=colours[r["event"]], lw=0.8, ls=ls)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -310,6 +310,8 @@ Update = Callable[[EquilibriumLM, torch.optim.Optimizer, dict[str, Tensor], floa
 
 
 NONFINITE_UPDATE = "non-finite weights after the update"
+# What the early warning names (docs/experiments/stability.md measured the levers).
+CONTRACTION_HINT = "hold it with --eigreg 1 --eig_margin 0.5 (or a lower --lr)"
 
 
 class TrainingDiverged(RuntimeError):
@@ -372,6 +374,28 @@ def rollback_point(s: Session, devices: AnalogSession | None) -> dict[str, Any]:
     if devices is not None:
         st["devices"] = devices.rollback_point()
     return st
+
+
+def contraction_watch(cfg: RunConfig, history: list[dict[str, Any]]) -> Any:
+    """The early warning of an EP run (None for BPTT and BP, which need no equilibrium), caught up
+    on a resumed run's earlier records."""
+    if cfg.train.mode != "ep":
+        return None
+    from ept.diagnostics import ContractionWatch
+
+    watch = ContractionWatch(CONTRACTION_HINT)
+    for rec in history:
+        if rec.get("event") == "contraction_warning":
+            watch.fired.add(rec["signal"])
+        elif rec.get("event") in (None, "diag"):
+            watch.update(rec)
+    return watch
+
+
+def warn(watch: Any, rec: dict[str, Any], metrics: MetricsLog, log: Callable[[str], None]) -> None:
+    for w in watch.update(rec) if watch is not None else []:
+        metrics.write({"step": rec["step"], "event": "contraction_warning", **w})
+        log(f"step {rec['step']}: {w['message']}")
 
 
 def _evaluate(s: Session, data: TokenData, max_batches: int | None) -> dict[str, Any]:
@@ -458,6 +482,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
     if t.diag_cos > 0:
         from ept.diagnostics import hopf_warning
         from ept.diagnostics import training_diagnostics as diagnose
+    watch = contraction_watch(cfg, metrics.records)
     first_val = last_val = None
     if not resume:
         first = _evaluate(s, data, t.eval_batches)
@@ -491,7 +516,9 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
         step = s.state.step
         window.append(stats)
         if diagnose is not None and step % t.diag_cos == 0:
-            metrics.write({"step": step, "event": "diag", **diagnose(s.model, idx, targets, ep_options(cfg))})
+            diag = {"step": step, "event": "diag", **diagnose(s.model, idx, targets, ep_options(cfg))}
+            metrics.write(diag)
+            warn(watch, diag, metrics, log)
             warning = hopf_warning([r for r in metrics.records if r.get("event") == "diag"])
             if warning:
                 metrics.write({"step": step, "event": "hopf_warning", "message": warning})
@@ -504,6 +531,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
             rec = _window_record(window, step, lr, (step - tick_step) / max(time.time() - tick, 1e-9))
             metrics.write(rec)
             log(progress_line(rec, t.steps, last_val))
+            warn(watch, rec, metrics, log)
             window.clear()
             tick, tick_step = time.time(), step
         if step % t.ckpt_every == 0 or step == end:

@@ -6,7 +6,13 @@
 """
 
 from ept.diagnostics.fidelity import GROUPS, compare, gradient_cosines, group_of
-from ept.diagnostics.monitor import fingerprint, hopf_warning, operator_report, training_diagnostics
+from ept.diagnostics.monitor import (
+    ContractionWatch,
+    fingerprint,
+    hopf_warning,
+    operator_report,
+    training_diagnostics,
+)
 from ept.diagnostics.operators import (
     DENSE_MAX,
     JacobianOps,
@@ -22,6 +28,7 @@ from ept.diagnostics.operators import (
 )
 
 __all__ = [
+    "ContractionWatch",
     "DENSE_MAX",
     "GROUPS",
     "JacobianOps",

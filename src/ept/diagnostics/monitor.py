@@ -129,6 +129,54 @@ def hopf_warning(
     return None
 
 
+class ContractionWatch:
+    """Early warning that training is drifting the operator off contraction, from the logged records.
+
+    Three signals, each reported once (the step, what moved, the control that holds it):
+    - ``fevals``: the free phase's median F-evals over the last ``recent`` logs exceed ``factor`` ×
+      their median over the run's first ``baseline`` logs (a slowing relaxation: its slowest mode
+      nears 0);
+    - ``dropped``: sequences left out of EP (no equilibrium below drop_res) in ``recent`` logs running;
+    - ``omega``: the logged numerical abscissa ω(J) (``--diag_cos``) above ``-omega_margin``.
+    """
+
+    def __init__(self, control: str, factor: float = 2.0, baseline: int = 5, recent: int = 3,
+                 omega_margin: float = 0.05):
+        self.control, self.factor, self.baseline, self.recent = control, factor, baseline, recent
+        self.omega_margin = omega_margin
+        self.fevals: list[float] = []
+        self.dropped: list[float] = []
+        self.fired: set[str] = set()
+
+    def _fire(self, signal: str, what: str) -> dict[str, Any] | None:
+        if signal in self.fired:
+            return None
+        self.fired.add(signal)
+        return {"signal": signal, "message": f"contraction warning: {what}; {self.control}"}
+
+    def update(self, rec: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Feed one metrics record (a log window or a diag record); returns the warnings it raised."""
+        out = []
+        if rec.get("T1") is not None and "loss" in rec:
+            self.fevals.append(float(rec["T1"]))
+            self.dropped.append(float(rec.get("dropped_seqs_max", rec.get("dropped_seqs", 0.0))))
+            if len(self.fevals) >= self.baseline + self.recent:
+                base = float(np.median(self.fevals[: self.baseline]))
+                now = float(np.median(self.fevals[-self.recent:]))
+                if now > self.factor * base:
+                    out.append(self._fire("fevals", f"the free phase's F-evals rose from {base:.0f} to "
+                                                    f"{now:.0f} (median of the last {self.recent} logs)"))
+            last = self.dropped[-self.recent:]
+            if len(last) == self.recent and min(last) > 0:
+                out.append(self._fire("dropped", f"sequences found no equilibrium in {self.recent} logs "
+                                                 f"running (up to {max(last):.0f} a step left out of EP)"))
+        omega = rec.get("numerical_abscissa")
+        if omega is not None and np.isfinite(omega) and omega > -self.omega_margin:
+            out.append(self._fire("omega", f"the numerical abscissa ω(J) is {omega:+.3f}, no contraction "
+                                           "margin left"))
+        return [w for w in out if w is not None]
+
+
 def fingerprint(
     model: EquilibriumLM,
     batches: Iterable[tuple[Tensor, Tensor]],
