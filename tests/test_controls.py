@@ -128,6 +128,32 @@ def test_eigreg_gradient_is_the_gradient_of_the_top_eigenvalue():
     assert_grads_close(grads, want)
 
 
+def test_eigreg_along_the_slow_direction_penalises_the_rayleigh_quotient_of_the_residual():
+    """eig_dir slow: ω_b = u_bᵀJu_b with u_b = F(z*)_b/||F(z*)_b|| held fixed (no Lanczos), and its
+    gradient is that of relu(ω + m)² through J alone, checked against a dense Jacobian."""
+    model, x, z = make(B=2)
+    n = z[0].numel()
+    ctrl = Controller(ControlConfig(eigreg=0.5, eig_margin=10.0, eig_dir="slow"))
+    grads, logs = ctrl.penalty_grads(model, x, z, {})
+    with torch.no_grad():
+        r = model.field(z, x, fused=False)
+        u = (r / r.flatten(1).norm(dim=1).view(-1, 1, 1)).flatten(1)
+    with torch.enable_grad():
+        fields = [lambda s, b=b: model.field(s, x[b : b + 1], fused=False) for b in range(2)]
+        jac = torch.stack([
+            torch.autograd.functional.jacobian(f, z[b : b + 1], create_graph=True).reshape(n, n)
+            for b, f in enumerate(fields)
+        ])
+        omega = torch.einsum("bi,bij,bj->b", u, jac, u)
+        pen = 0.5 * torch.relu(omega + 10.0).pow(2).mean()
+        want = grads_of(model, pen)
+    assert logs["eig_omega"] == pytest.approx(omega.max().item(), rel=1e-8)
+    assert_grads_close(grads, want)
+    assert ctrl.eig_u is None  # no eigenvector was computed or kept
+    with pytest.raises(ValueError, match="eig_dir"):
+        ControlConfig(eig_dir="top")
+
+
 def test_eigreg_warm_start_improves_the_estimate():
     model, x, z = make()
     jac = dense_jacobian(model, x, z)

@@ -32,6 +32,8 @@ from ept.diagnostics.operators import JacobianOps
 from ept.grad.common import Grads, param_grads
 from ept.model import EquilibriumLM
 
+EIG_DIRS = ("sym", "slow")
+
 
 @dataclass
 class ControlConfig:
@@ -48,6 +50,10 @@ class ControlConfig:
     eigreg: float = 0.0
     eig_margin: float = 1.0  # keep ω(J) <= -eig_margin
     eig_iters: int = 8  # Lanczos steps per training step (warm-started)
+    # The direction u of eigreg's ω = uᵀJu: "sym", the top eigenvector of S = (J+Jᵀ)/2 (ω is then the
+    # numerical abscissa, the log-norm); "slow", the residual F(z*) the free phase left, which its
+    # slowest modes dominate (no Lanczos: it holds the rate the relaxation itself settles at).
+    eig_dir: str = "sym"
     seed: int = 0  # probes and Lanczos starts; the generator's state is checkpointed
 
     def __post_init__(self) -> None:
@@ -58,6 +64,8 @@ class ControlConfig:
             raise ValueError(f"jr_floor={self.jr_floor} is above jr_max={self.jr_max}; lower the floor")
         if self.jr_up < 1 or not 0 < self.jr_decay <= 1:
             raise ValueError(f"need jr_up >= 1 and 0 < jr_decay <= 1, got {self.jr_up}, {self.jr_decay}")
+        if self.eig_dir not in EIG_DIRS:
+            raise ValueError(f"eig_dir '{self.eig_dir}' is not one of {', '.join(EIG_DIRS)}")
         if self.hutch < 1 or self.eig_iters < 2:
             raise ValueError(f"need hutch >= 1 and eig_iters >= 2, got {self.hutch}, {self.eig_iters}")
 
@@ -164,11 +172,14 @@ class Controller:
         x, z = x.detach(), z_star.detach()
         self.update_weight(stats.get("free_residual"))
         logs: dict[str, float] = {}
-        if cfg.eigreg > 0:
+        if cfg.eigreg > 0 and cfg.eig_dir == "sym":
             _, u = self.top_eigvec(model, x, z)
         with torch.enable_grad():
             zr = z.clone().requires_grad_(True)
             fz = model.field(zr, x, fused=False)  # unfused: its backward is twice differentiable
+            if cfg.eigreg > 0 and cfg.eig_dir == "slow":
+                r = fz.detach()
+                u = r / _rownorm(r).clamp_min(1e-30)
             total = fz.new_zeros(())
             if cfg.resreg > 0:
                 rel = (fz.flatten(1).pow(2).sum(1) / z.flatten(1).pow(2).sum(1).clamp_min(1e-30)).mean()

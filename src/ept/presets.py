@@ -29,7 +29,7 @@ EP_FLAGS = ("estimator", "holo", "hr", "track", "asym", "T2", "t2sel", "t2_tol",
             "nudge_lam", "retry_hr", "drop_res", "drop_unsettled", "polish_res", "polish_max",
             "polish_from")
 CONTROL_FLAGS = ("resreg", "jacreg", "jr_floor", "jr_max", "jr_target", "jr_up", "jr_decay", "hutch",
-                 "eigreg", "eig_margin", "eig_iters")
+                 "eigreg", "eig_margin", "eig_iters", "eig_dir")
 TRAIN_FLAGS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 POSITIVE = {"B": "batch size", "T": "context length", "lr": "learning rate", "T1": "free-phase iterations",
             "steps": "number of steps", "C": "width", "H": "number of heads", "t1max": "iteration cap",

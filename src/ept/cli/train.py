@@ -85,6 +85,8 @@ HELP = {
     "jr_decay": "jacreg: weight factor per step on target",
     "hutch": "jacreg: Hutchinson probes per step",
     "eig_iters": "eigreg: Lanczos steps per training step",
+    "eig_dir": "eigreg: the direction u of uᵀJu: sym (top eigenvector of (J+Jᵀ)/2) or slow (the free "
+               "phase's last residual, its slowest modes)",
 }
 RUN_FLAGS = ("out", "resume", "ckpt", "state", "init_ckpt", "stop_after", "json", "preset")
 RESUMABLE = ("steps",)  # flags a resumed run may change (extending it); everything else is fixed
@@ -201,7 +203,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help=HELP["drop_unsettled"])
     controls = p.add_argument_group("stability controls")
     for name in CONTROL_FLAGS:
-        typ = int if name in ("hutch", "eig_iters") else float
+        typ = int if name in ("hutch", "eig_iters") else str if name == "eig_dir" else float
         controls.add_argument(f"--{name}", type=typ, default=argparse.SUPPRESS, help=HELP.get(name))
     add_analog_arguments(p)
     p.set_defaults(func=run_train)
