@@ -68,7 +68,8 @@ HELP = {
     "proj_every": "after a stall: plain steps between two long ones (projective integration)",
     "proj_jump": "after a stall: a long step spans 1 + this plain ones where F holds its direction; 0: none",
     "mom_m": "momentum: the recent steps the spectrum's upper edge is read off",
-    "mom_lo": "momentum: the lower edge assumed for the relaxation map's spectrum",
+    "mom_lo": "momentum: the lower edge assumed for the relaxation map's spectrum (lower where the "
+              "steps reveal a stiffer mode)",
     "mom_restart": "momentum: drop a sequence's momentum when its residual exceeds this x its best",
     "nudge_solver": "nudged-phase solver: anderson, fixed_point, broyden or momentum",
     "nudge_m": "nudged-phase Anderson memory",

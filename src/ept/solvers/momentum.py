@@ -9,6 +9,9 @@ from ept.config import SolverConfig
 from ept.solvers.common import _TINY, _flat, _unflat, plain_steps_pay
 
 _MOM_HI = (0.5, 0.995)  # the range the spectrum's upper edge is taken from (see _Momentum)
+# The lower edge follows the stiff end the steps reveal (a trained block's relaxation map reached
+# eigenvalues near -1 at eps 0.5, which a heavy ball tuned to mom_lo -0.3 amplifies), with room.
+_MOM_LO_ROOM, _MOM_LO_MIN = 0.1, -3.0
 _MAX_MOM_RESTARTS = 2  # per sequence: after a third loss of momentum it takes plain steps
 
 
@@ -28,7 +31,10 @@ class _Momentum:
     the eigenvalues of (ΔZᵀΔZ)⁻¹ ΔZᵀΔR are the Ritz values of ∂g/∂z − I on the span of recent steps,
     whose extreme ones converge first; hi is the largest real one, clipped to [0.5, 0.995]. Modes in
     (hi, 1) still contract (more slowly), so an underestimate costs steps, not stability; modes below
-    lo − (1 − hi) grow, which is why lo (``mom_lo``) is a setting with room rather than an estimate.
+    lo − (1 − hi) grow, so lo is ``mom_lo`` or, where the window's lowest Ritz value is below it,
+    that value less 0.1: training stiffens a block until its map has eigenvalues near -1 at eps 0.5
+    (``docs/experiments/stability.md``), where plain iteration barely contracts and a heavy ball tuned
+    to -0.3 diverges.
 
     The step is a polynomial in the dynamics, not a root finder: z* is a fixed point of it exactly
     when it is one of g, and one where g has an eigenvalue above 1 (a saddle the dynamics leaves)
@@ -104,8 +110,10 @@ class _Momentum:
             self.best = torch.where(lost, res, self.best)
         self.best = torch.minimum(self.best, res)
         still = self.fresh | lost  # no momentum this step
-        hi = _ritz_top(self.gram, self.cross, self.ok).clamp(*_MOM_HI).to(x.device)
-        a, b = heavy_ball_params(torch.full_like(hi, self.lo), hi)
+        ritz_lo, hi = _ritz_range(self.gram, self.cross, self.ok)
+        hi = hi.clamp(*_MOM_HI).to(x.device)
+        lo = (ritz_lo.to(x.device) - _MOM_LO_ROOM).clamp_min(_MOM_LO_MIN).clamp_max(self.lo)
+        a, b = heavy_ball_params(lo, hi)
         b = torch.where(still, 0.0, b)
         plain = far | self.plain_only
         a, b = torch.where(plain, 1.0, a).to(x.dtype), torch.where(plain, 0.0, b).to(x.dtype)
@@ -138,6 +146,12 @@ def _ritz_top(gram: Tensor, cross: Tensor, ok: Tensor) -> Tensor:
     """Per row, the largest real part of 1 + the eigenvalues of (ΔZᵀΔZ)⁻¹ ΔZᵀΔR over the slots in
     ``ok`` (0 where a row has none): the top Ritz value of the map whose steps ΔZ changed r by ΔR,
     from the products ``gram`` = ΔZᵢ·ΔZⱼ and ``cross`` = ΔZᵢ·ΔRⱼ (float64, (B, m, m))."""
+    return _ritz_range(gram, cross, ok)[1]
+
+
+def _ritz_range(gram: Tensor, cross: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, (lowest, largest) real part of the Ritz values of :func:`_ritz_top` (0 and 0 where
+    a row has no slot in use)."""
     scale = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(_TINY)
     outer = scale.unsqueeze(-1) * scale.unsqueeze(-2)
     pair = ok.unsqueeze(-1) & ok.unsqueeze(-2)
@@ -145,6 +159,9 @@ def _ritz_top(gram: Tensor, cross: Tensor, ok: Tensor) -> Tensor:
     # A slot that is not in use gets the eigenvalue -1 (Ritz value 0): it never sets the top.
     gram = torch.where(pair, gram / outer, eye) + 1e-10 * eye
     cross = torch.where(pair, cross / outer, -eye)
-    top = 1 + torch.linalg.eigvals(torch.linalg.solve(gram, cross)).real.max(-1).values
-    return torch.nan_to_num(top, nan=0.0)
+    real = torch.linalg.eigvals(torch.linalg.solve(gram, cross)).real
+    top = 1 + real.max(-1).values
+    # Unused slots sit at Ritz value 0: they can only hold the lower edge at 0, which mom_lo is below.
+    low = (1 + real.min(-1).values).clamp_max(0.0)
+    return torch.nan_to_num(low, nan=0.0), torch.nan_to_num(top, nan=0.0)
 
