@@ -1,0 +1,217 @@
+"""Does EP train as long as BPTT? The stability levers side by side, from scratch, on the tiny shapes.
+
+    python benchmarks/stability.py run --recipes base,eig05 --seeds 0 --steps 800 --jobs 2
+    python benchmarks/stability.py report runs/stab/*_n800 --png docs/experiments/stability_800.png --json
+
+``run`` trains each (recipe, seed) with ``ept train`` (the tiny preset plus the recipe's flags, with
+``--diag_cos`` so the operator is measured along the way) into ``--out``/RECIPE_sSEED_nSTEPS, skipping
+runs that already finished; ``--jobs`` runs that many at once (one CPU thread each).
+``report`` reads run folders' ``metrics.jsonl`` and prints, per run: the final val CE (the whole
+valid split), the best periodic one, rollbacks, whether it finished, the worst share of sequences a logged step dropped
+from EP, the free phase's median F-evals over the first and last tenth of the run, the lowest
+cos(EP, implicit) and the last numerical and spectral abscissa the diagnostics logged. ``--png``
+draws the trajectories side by side (val CE, worst free residual, F-evals, ω(J), cos); ``--json``
+ends with one JSON line holding every row; ``--heldout FILE`` adds each run's CE on a text that
+neither training nor the periodic evaluations (which pick RUN/best) ever read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+# Each recipe: flags on top of `ept train` (the tiny preset). The study's record says which won.
+RECIPES: dict[str, list[str]] = {
+    "base": [],
+    "lr15": ["--lr", "1.5e-3"],
+    "c2": ["--c", "2"],
+    "resreg2": ["--resreg", "2"],
+    "jacreg": ["--jacreg", "0.1", "--jr_floor", "0.1", "--jr_target", "1e-3"],
+    "eig05": ["--eigreg", "1", "--eig_margin", "0.5"],
+    "eig1": ["--eigreg", "1", "--eig_margin", "1.0"],
+    "t1max300": ["--t1max", "300"],
+    "slow05": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_dir", "slow"],
+    "slow1": ["--eigreg", "1", "--eig_margin", "1.0", "--eig_dir", "slow"],
+    "bptt": ["--mode", "bptt"],
+    "bp": ["--mode", "bp"],
+}
+
+
+def run_name(recipe: str, seed: int, steps: int) -> str:
+    return f"{recipe}_s{seed}_n{steps}"
+
+
+def finished(folder: Path) -> bool:
+    path = folder / "metrics.jsonl"
+    return path.is_file() and any(json.loads(line).get("event") == "final" for line in path.open())
+
+
+def train_one(recipe: str, seed: int, steps: int, out: Path, diag: int) -> tuple[str, int, float]:
+    folder = out / run_name(recipe, seed, steps)
+    if finished(folder):
+        return folder.name, 0, 0.0
+    diag_flags = [] if "bp" in RECIPES[recipe] else ["--diag_cos", str(diag)]
+    cmd = [sys.executable, "-m", "ept", "train", "--steps", str(steps), "--seed", str(seed), "--threads", "1",
+           "--out", str(folder), "--keep", "3", *diag_flags, *RECIPES[recipe]]
+    t0 = time.time()
+    with open(out / f"{folder.name}.log", "w") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    return folder.name, rc, time.time() - t0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    recipes = args.recipes.split(",")
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        print(f"stability: unknown recipe {unknown[0]!r}: choose from {', '.join(RECIPES)}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(r, int(s), args.steps) for s in args.seeds.split(",") for r in recipes]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for name, rc, sec in pool.map(lambda j: train_one(*j, out, args.diag), jobs):
+            print(f"{name}: exit {rc}, {sec:.0f} s", flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- report
+
+
+def read(folder: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").open()]
+
+
+def series(records: list[dict], key: str, event: str | None = None) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], float(r[key])) for r in records
+           if r.get("event") == event and r.get(key) is not None and "step" in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def summarize(folder: Path) -> dict[str, Any]:
+    recs = read(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    steps, B = cfg["train"]["steps"], cfg["train"]["B"]
+    logs = [r for r in recs if r.get("event") is None and "loss" in r]
+    final = next((r for r in recs if r.get("event") == "final"), None)
+    vx, vy = series(recs, "val_ce")
+    fx, fe = series(logs, "T1")
+    tenth = max(steps // 10, 1)
+    first = [f for s, f in zip(fx, fe, strict=True) if s <= tenth]
+    last = [f for s, f in zip(fx, fe, strict=True) if s > steps - tenth]
+    drops = [r.get("dropped_seqs_max", r.get("dropped_seqs", 0.0)) for r in logs]
+    _, cos = series(recs, "cos_ep_implicit", "diag")
+    _, omega = series(recs, "numerical_abscissa", "diag")
+    _, alpha = series(recs, "spectral_abscissa", "diag")
+    row = {
+        "run": folder.name, "mode": cfg["train"]["mode"], "seed": cfg["train"]["seed"], "steps": steps,
+        "finished": final is not None, "last_step": logs[-1]["step"] if logs else 0,
+        "rollbacks": sum(r.get("event") == "rollback" for r in recs),
+        "val_ce_final": final["val_ce"] if final else None,
+        "val_ce_best": min(vy) if vy else None,
+        "worst_dropped_share": max(drops) / B if drops else None,
+        "fevals_first_tenth": statistics.median(first) if first else None,
+        "fevals_last_tenth": statistics.median(last) if last else None,
+        "cos_ep_implicit_min": min(cos) if cos else None,
+        "numerical_abscissa_last": omega[-1] if omega else None,
+        "spectral_abscissa_last": alpha[-1] if alpha else None,
+    }
+    if row["fevals_first_tenth"] and row["fevals_last_tenth"]:
+        row["fevals_growth"] = row["fevals_last_tenth"] / row["fevals_first_tenth"]
+    return row
+
+
+def heldout_ce(folder: Path, text: str) -> float | None:
+    """CE of the run's final weights on a text it never trained or selected on (``ept eval``)."""
+    cmd = [sys.executable, "-m", "ept", "eval", "--ckpt", str(folder), "--data", text, "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])["val_ce"]
+
+
+def plot(folders: list[Path], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("val_ce", None, "val CE (nats)", False),
+              ("free_residual_max", None, "worst free residual", True),
+              ("T1", None, "free-phase F-evals", False), ("numerical_abscissa", "diag", "ω(J)", False),
+              ("spectral_abscissa", "diag", "spectral abscissa", False),
+              ("cos_ep_implicit", "diag", "cos(EP, implicit)", False)]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    for folder in folders:
+        recs = read(folder)
+        for ax, (key, event, label, log) in zip(axes.flat, panels, strict=True):
+            xs, ys = series(recs if key != "T1" else [r for r in recs if "loss" in r], key, event)
+            if key == "val_ce":
+                pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y < 8]  # a blown-up eval off the axis
+                xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            if xs:
+                (ax.semilogy if log else ax.plot)(xs, ys, label=folder.name, lw=1.2)
+            ax.set(xlabel="step", title=label)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    folders = [Path(f) for f in args.runs if (Path(f) / "metrics.jsonl").is_file()]
+    rows = [summarize(f) for f in folders]
+    if args.heldout:
+        for row, f in zip(rows, folders, strict=True):
+            row["heldout_ce"] = heldout_ce(f, args.heldout) if row["finished"] else None
+    cols = ["run", "finished", "rollbacks", "val_ce_final", "val_ce_best",
+            "worst_dropped_share",
+            "fevals_first_tenth", "fevals_last_tenth", "cos_ep_implicit_min", "numerical_abscissa_last",
+            "spectral_abscissa_last", *(["heldout_ce"] if args.heldout else [])]
+
+    def fmt(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(fmt(r.get(c)) for c in cols) + " |")
+    if args.png:
+        plot(folders, args.png)
+        print(f"wrote {args.png}")
+    if args.json:
+        print(json.dumps({"rows": rows}))
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train the recipes")
+    r.add_argument("--recipes", default="base", help=f"comma-separated: {', '.join(RECIPES)}")
+    r.add_argument("--seeds", default="0")
+    r.add_argument("--steps", type=int, default=800)
+    r.add_argument("--out", default="runs/stab")
+    r.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
+    r.add_argument("--diag", type=int, default=100, help="--diag_cos interval")
+    r.set_defaults(func=cmd_run)
+    q = sub.add_parser("report", help="summarise run folders")
+    q.add_argument("runs", nargs="+")
+    q.add_argument("--png", default=None)
+    q.add_argument("--json", action="store_true")
+    q.add_argument("--heldout", default=None, metavar="FILE",
+                   help="also evaluate each finished run on this text (ept eval), e.g. Twelfth Night: "
+                        "sed -n '4637,$p' shakespeare/valid.txt")
+    q.set_defaults(func=cmd_report)
+    args = p.parse_args()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
