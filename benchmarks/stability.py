@@ -39,6 +39,8 @@ RECIPES: dict[str, list[str]] = {
     "t1max300": ["--t1max", "300"],
     "slow05": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_dir", "slow"],
     "slow1": ["--eigreg", "1", "--eig_margin", "1.0", "--eig_dir", "slow"],
+    "slow2": ["--eigreg", "1", "--eig_margin", "2.0", "--eig_dir", "slow"],
+    "slow1w5": ["--eigreg", "5", "--eig_margin", "1.0", "--eig_dir", "slow"],
     "bptt": ["--mode", "bptt"],
     "bp": ["--mode", "bp"],
 }

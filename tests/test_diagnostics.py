@@ -222,5 +222,7 @@ def test_contraction_watch_warns_once_per_signal_and_not_on_a_steady_run() -> No
     assert watch.update(log(90, 90, 1.0)) == [] and watch.update(log(100, 90, 2.0)) == []
     (w,) = watch.update(log(110, 90, 1.0))
     assert w["signal"] == "dropped" and "up to 2" in w["message"]
-    (w,) = watch.update({"step": 120, "event": "diag", "numerical_abscissa": -0.01})
+    assert watch.update({"step": 120, "event": "diag", "numerical_abscissa": 0.2}) == []  # never held
+    assert watch.update({"step": 130, "event": "diag", "numerical_abscissa": -0.4}) == []
+    (w,) = watch.update({"step": 140, "event": "diag", "numerical_abscissa": -0.01})
     assert w["signal"] == "omega"

@@ -137,7 +137,9 @@ class ContractionWatch:
       their median over the run's first ``baseline`` logs (a slowing relaxation: its slowest mode
       nears 0);
     - ``dropped``: sequences left out of EP (no equilibrium below drop_res) in ``recent`` logs running;
-    - ``omega``: the logged numerical abscissa ω(J) (``--diag_cos``) above ``-omega_margin``.
+    - ``omega``: the logged numerical abscissa ω(J) (``--diag_cos``) rising above ``-omega_margin``
+      after it had been below (a block that was never contractive in norm, as most trained ones are
+      not, would warn at its first record and say nothing).
     """
 
     def __init__(self, control: str, factor: float = 2.0, baseline: int = 5, recent: int = 3,
@@ -147,6 +149,7 @@ class ContractionWatch:
         self.fevals: list[float] = []
         self.dropped: list[float] = []
         self.fired: set[str] = set()
+        self.omega_held = False  # a record had ω below -omega_margin
 
     def _fire(self, signal: str, what: str) -> dict[str, Any] | None:
         if signal in self.fired:
@@ -171,7 +174,9 @@ class ContractionWatch:
                 out.append(self._fire("dropped", f"sequences found no equilibrium in {self.recent} logs "
                                                  f"running (up to {max(last):.0f} a step left out of EP)"))
         omega = rec.get("numerical_abscissa")
-        if omega is not None and np.isfinite(omega) and omega > -self.omega_margin:
+        if omega is not None and np.isfinite(omega) and omega <= -self.omega_margin:
+            self.omega_held = True
+        elif omega is not None and np.isfinite(omega) and self.omega_held:
             out.append(self._fire("omega", f"the numerical abscissa ω(J) is {omega:+.3f}, no contraction "
                                            "margin left"))
         return [w for w in out if w is not None]
