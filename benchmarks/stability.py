@@ -7,12 +7,13 @@
 ``--diag_cos`` so the operator is measured along the way) into ``--out``/RECIPE_sSEED_nSTEPS, skipping
 runs that already finished; ``--jobs`` runs that many at once (one CPU thread each).
 ``report`` reads run folders' ``metrics.jsonl`` and prints, per run: the final val CE (the whole
-valid split), the best periodic one, rollbacks, whether it finished, the worst share of sequences a logged step dropped
-from EP, the free phase's median F-evals over the first and last tenth of the run, the lowest
-cos(EP, implicit) and the last numerical and spectral abscissa the diagnostics logged. ``--png``
-draws the trajectories side by side (val CE, worst free residual, F-evals, ω(J), cos); ``--json``
-ends with one JSON line holding every row; ``--heldout FILE`` adds each run's CE on a text that
-neither training nor the periodic evaluations (which pick RUN/best) ever read.
+valid split), the best periodic one, rollbacks, whether it finished, the worst share of sequences
+a log window (10 steps) dropped from EP, the free phase's median F-evals over the first and last
+tenth of the run, the lowest cos(EP, implicit) and the last numerical and spectral abscissa the
+diagnostics logged. ``--png`` draws the trajectories side by side (val CE, worst free residual,
+F-evals, ω(J), cos); ``--json`` ends with one JSON line holding every row; ``--heldout FILE``
+adds each run's CE on a text that neither training nor the periodic evaluations (which pick
+RUN/best) ever read.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def summarize(folder: Path) -> dict[str, Any]:
     tenth = max(steps // 10, 1)
     first = [f for s, f in zip(fx, fe, strict=True) if s <= tenth]
     last = [f for s, f in zip(fx, fe, strict=True) if s > steps - tenth]
-    drops = [r.get("dropped_seqs_max", r.get("dropped_seqs", 0.0)) for r in logs]
+    drops = [r.get("dropped_seqs", 0.0) for r in logs]  # a log window's mean over its steps
     _, cos = series(recs, "cos_ep_implicit", "diag")
     _, omega = series(recs, "numerical_abscissa", "diag")
     _, alpha = series(recs, "spectral_abscissa", "diag")
