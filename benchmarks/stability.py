@@ -37,12 +37,14 @@ RECIPES: dict[str, list[str]] = {
     "jacreg": ["--jacreg", "0.1", "--jr_floor", "0.1", "--jr_target", "1e-3"],
     "eig05": ["--eigreg", "1", "--eig_margin", "0.5"],
     "eig1": ["--eigreg", "1", "--eig_margin", "1.0"],
+    "eig02": ["--eigreg", "1", "--eig_margin", "0.2"],
     "t1max300": ["--t1max", "300"],
     "slow05": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_dir", "slow"],
     "slow1": ["--eigreg", "1", "--eig_margin", "1.0", "--eig_dir", "slow"],
     "slow2": ["--eigreg", "1", "--eig_margin", "2.0", "--eig_dir", "slow"],
     "slow1w5": ["--eigreg", "5", "--eig_margin", "1.0", "--eig_dir", "slow"],
     "bptt": ["--mode", "bptt"],
+    "bptt_slow05": ["--mode", "bptt", "--eigreg", "1", "--eig_margin", "0.5", "--eig_dir", "slow"],
     "bp": ["--mode", "bp"],
 }
 
@@ -125,6 +127,12 @@ def summarize(folder: Path) -> dict[str, Any]:
         "numerical_abscissa_last": omega[-1] if omega else None,
         "spectral_abscissa_last": alpha[-1] if alpha else None,
     }
+    prev, seconds = 0, 0.0
+    for r in logs:  # each window's steps at its own rate (a rollback restarts the count)
+        if r["step"] > prev and r.get("it_s"):
+            seconds += (r["step"] - prev) / r["it_s"]
+        prev = r["step"]
+    row["train_seconds"] = round(seconds, 1)
     if row["fevals_first_tenth"] and row["fevals_last_tenth"]:
         row["fevals_growth"] = row["fevals_last_tenth"] / row["fevals_first_tenth"]
     return row
@@ -176,7 +184,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     cols = ["run", "finished", "rollbacks", "val_ce_final", "val_ce_best",
             "worst_dropped_share",
             "fevals_first_tenth", "fevals_last_tenth", "cos_ep_implicit_min", "numerical_abscissa_last",
-            "spectral_abscissa_last", *(["heldout_ce"] if args.heldout else [])]
+            "spectral_abscissa_last", "train_seconds", *(["heldout_ce"] if args.heldout else [])]
 
     def fmt(v: Any) -> str:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
