@@ -86,7 +86,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(mode="ep", vocab_size=512, C=64, H=4, T=64, c=1.0, emb_std=1.0, B=8, steps=200,
                  lr=3e-3, warmup=10, wsd=0.3, pema=0.99, solver="momentum", T1=20, t1max=100, res_est=1e-3,
                  hr=0.003, asym="linear", t2sel=15, t2_tol=1e-3, polish_res=1e-6, polish_max=30,
-                 drop_res=1e-5, resreg=0.2, log_every=10, eval_every=50, eval_batches=4, ckpt_every=50,
+                 drop_res=1e-5, resreg=0.2, eigreg=1.0, eig_margin=0.5,
+                 log_every=10, eval_every=50, eval_batches=4, ckpt_every=50,
                  sample_tokens=150, threads=1),
     # A longer CPU run (hours on 2 cores). emb_std 1.0: with the embeddings at init_std 0.02, z* is
     # small and LayerNorm (Jacobian ~1/std(z)) makes the initial operator stiff at this width and
@@ -101,7 +102,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the 300 steps (2436 s). No 3000-step run has been made with either solver.
     "small": dict(mode="ep", vocab_size=2048, C=128, H=4, T=128, c=1.0, emb_std=1.0, B=16, steps=3000,
                   lr=2e-3, warmup=100, wsd=0.25, pema=0.999, solver="momentum", T1=8, t1max=100, res_est=1e-4,
-                  hr=0.02, t2sel=60, t2_tol=1e-4, qknorm=True, log_every=20, eval_every=250, eval_batches=16,
+                  hr=0.02, t2sel=60, t2_tol=1e-4, qknorm=True, eigreg=1.0, eig_margin=0.5,
+                  log_every=20, eval_every=250, eval_batches=16,
                   ckpt_every=250),
     # The seed's canonical recipe (GPU scale): every value as in DESIGN.md §4, and emb_std 1.0 (PyTorch's
     # nn.Embedding default): with embeddings at 0.02 the initial free phase never settled (worst
