@@ -150,42 +150,41 @@ def test_divergence_rolls_back_with_a_lower_lr_and_never_saves_nan(tokens, tmp_p
             assert all(bool(torch.isfinite(v).all()) for v in sd.values())
 
 
-def test_persistent_divergence_stops_with_the_last_good_checkpoint(tokens, tmp_path) -> None:
-    from ept.train import TrainingDiverged, apply_update
+def poisoned_after(n: int):
+    """An optimizer step that makes the weights infinite once the optimizer has taken n steps."""
+    from ept.train import apply_update
 
-    cfg = small_cfg(tokens, mode="bp", ckpt_every=2, max_rollbacks=2)
-
-    def always_after_two(model, optimizer, grads, lr, clip):
+    def update(model, optimizer, grads, lr, clip):
         norm = apply_update(model, optimizer, grads, lr, clip)
-        if optimizer.state_dict()["state"][0]["step"] > 2:
+        if optimizer.state_dict()["state"][0]["step"] > n:
             with torch.no_grad():
                 model.head.weight.fill_(math.inf)
         return norm
 
+    return update
+
+
+def test_persistent_divergence_stops_with_the_last_good_checkpoint(tokens, tmp_path) -> None:
+    from ept.train import TrainingDiverged
+
+    cfg = small_cfg(tokens, mode="bp", ckpt_every=2, max_rollbacks=2)
+
     with pytest.raises(TrainingDiverged, match="lower --lr"):
-        train(cfg, tokens, tmp_path, log=quiet, update=always_after_two)
+        train(cfg, tokens, tmp_path, log=quiet, update=poisoned_after(2))
     assert ckpt.load_checkpoint(tmp_path).state["train"]["step"] == 2
 
 
 def test_the_best_val_checkpoint_is_kept_and_named_when_training_stops(tokens, tmp_path) -> None:
     """RUN/best holds the checkpoint of the lowest periodic val CE, survives the rollbacks (the step
     state they restore must not forget a newer best), and the final error names it."""
-    from ept.train import TrainingDiverged, apply_update
+    from ept.train import TrainingDiverged
 
     # Rollbacks return to step 4 (the last logged step), past which steps 5 and 6 are evaluated
     # again, at a lower learning rate: a new best before the rollback must stay the best.
     cfg = small_cfg(tokens, mode="bp", steps=12, ckpt_every=2, eval_every=1, log_every=4, max_rollbacks=2,
                     lr=3e-3)
-
-    def poisoned_after_six(model, optimizer, grads, lr, clip):
-        norm = apply_update(model, optimizer, grads, lr, clip)
-        if optimizer.state_dict()["state"][0]["step"] > 6:
-            with torch.no_grad():
-                model.head.weight.fill_(math.inf)
-        return norm
-
     with pytest.raises(TrainingDiverged) as err:
-        train(cfg, tokens, tmp_path, log=quiet, update=poisoned_after_six)
+        train(cfg, tokens, tmp_path, log=quiet, update=poisoned_after(6))
     records = map(json.loads, (tmp_path / METRICS_FILE).read_text().splitlines())
     vals = [(r["step"], r["val_ce"]) for r in records if "val_ce" in r and "event" not in r]
     step, best = min(vals, key=lambda v: v[1])
