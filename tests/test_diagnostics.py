@@ -184,6 +184,25 @@ def test_gradient_cosines_ep_agrees_with_implicit_at_a_contractive_point(contrac
     assert all(isinstance(v, float) for v in out.values())
 
 
+def test_gradient_cosines_compare_over_the_sequences_ep_kept(contractive, monkeypatch):
+    """A sequence EP leaves out (no equilibrium) is left out of the references too: EP's gradient
+    is the mean over the kept ones. Simulated: EP keeps sequence 0 of 2 (its gradient on it alone)."""
+    from ept.diagnostics import fidelity
+
+    model, idx, targets = contractive
+    real = fidelity.gradient
+
+    def ep_keeps_the_first(m, i, t, route, **opts):
+        if route != "ep":
+            return real(m, i, t, route, **opts)
+        grads, stats = real(m, i[:1], t[:1], route, **opts)
+        return grads, {**stats, "kept": torch.tensor([True, False])}
+
+    monkeypatch.setattr(fidelity, "gradient", ep_keeps_the_first)
+    out = gradient_cosines(model, idx, targets, OPTS)
+    assert out["kept_seqs"] == 1.0 and out["cos_ep_implicit"] > 0.999 and out["cos_ep_bptt"] > 0.99
+
+
 def test_fingerprint_keys_and_val_ce(contractive):
     model, idx, targets = contractive
     batches = [(idx, targets), (idx[:1], targets[:1])]

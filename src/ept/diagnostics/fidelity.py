@@ -103,6 +103,13 @@ def fidelity_report(
     grad_opts = dict(grad_opts or {})
     imp_default, bptt_default = reference_options(grad_opts, model.head.weight.dtype)
     ep, ep_stats = gradient(model, idx, targets, "ep", **grad_opts)
+    # EP's gradient is the mean over the sequences it kept (those that reached an equilibrium): the
+    # references are taken over the same ones, else a batch holding one sequence with no
+    # equilibrium compares two different means (cos 0.27 on a trained tiny block).
+    kept = ep_stats.get("kept")
+    if kept is not None and 0 < int(kept.sum()) < len(kept):
+        k = kept.to(idx.device)
+        idx, targets = idx[k], targets[k]
     imp, _ = gradient(model, idx, targets, "implicit", **(implicit_opts or imp_default))
     bptt, bptt_stats = gradient(model, idx, targets, "bptt", **(bptt_opts or bptt_default))
     out: dict[str, float] = {}
@@ -114,4 +121,5 @@ def fidelity_report(
     out["free_fevals"] = float(ep_stats["free_fevals"])
     out["bptt_residual"] = float(bptt_stats["free_residual"])
     out["loss"] = float(ep_stats["loss"])
+    out["kept_seqs"] = float(idx.shape[0])
     return out, ep_stats
