@@ -355,7 +355,7 @@ def rollback(s: Session, snapshot: dict[str, Any], reason: str, metrics: Metrics
                 f"(the learning rate is not the cause): try --solver broyden (a stiff field), a smaller "
                 f"--init_std or a larger damping --c")
         raise TrainingDiverged(f"training diverged at step {failed.step} ({reason}) after {failed.rollbacks} "
-                               f"rollbacks: lower --lr or turn on a stability control (--resreg, --jacreg)")
+                               f"rollbacks: lower --lr or hold contraction (--eigreg 1 --eig_margin 0.5)")
     stream = s.batches.get_state()
     load_session_state(s, snapshot)
     s.batches.set_state(stream)
