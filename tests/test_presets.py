@@ -35,3 +35,13 @@ def test_the_cpu_presets_relax_with_a_solver_that_does_not_settle_on_saddles(pre
     Anderson rolled back at steps 36, 44 and 51, with the heavy ball first at 112 (presets.py).
     The heavy ball and plain iteration follow the dynamics to its attractors."""
     assert resolve(preset, {}).solver.method in ("momentum", "fixed_point")
+
+
+def test_a_misspelled_preset_key_is_an_error(monkeypatch):
+    from ept import presets
+
+    for name, values in presets.PRESETS.items():
+        presets.check_preset(name, values)  # the shipped presets spell every key right
+    monkeypatch.setitem(presets.PRESETS, "typo", {**presets.PRESETS["tiny"], "eig_margn": 0.5})
+    with pytest.raises(ValueError, match="eig_margn"):
+        presets.resolve("typo", {})

@@ -210,10 +210,24 @@ def check_flags(merged: dict[str, Any]) -> None:
                          "update ept, or drop the flag")
 
 
+# Every name a preset may set: a misspelled key would otherwise be dropped without a word.
+PRESET_KEYS = frozenset((*MODEL_FLAGS, *SOLVER_FLAGS, *EP_FLAGS, *CONTROL_FLAGS, *TRAIN_FLAGS, "solver",
+                         "data"))
+
+
+def check_preset(name: str, values: dict[str, Any]) -> None:
+    """ValueError naming a preset key that no config reads."""
+    unknown = sorted(set(values) - PRESET_KEYS)
+    if unknown:
+        raise ValueError(f"preset '{name}' sets {', '.join(unknown)}, which no config reads: fix the "
+                         "spelling")
+
+
 def resolve(preset: str, flags: dict[str, Any]) -> RunConfig:
     """Preset values overridden by the given flags, split into the configs. ValueError on bad input."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
+    check_preset(preset, PRESETS[preset])
     merged = {**PRESETS[preset], **flags}
     check_flags(merged)
     solver = SolverConfig(method=merged.get("solver", "anderson"), **_pick(merged, SOLVER_FLAGS))
