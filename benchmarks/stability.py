@@ -219,8 +219,8 @@ def main() -> int:
     q.add_argument("--png", default=None)
     q.add_argument("--json", action="store_true")
     q.add_argument("--heldout", default=None, metavar="FILE",
-                   help="also evaluate each finished run on this text (ept eval), e.g. Twelfth Night: "
-                        "sed -n '4637,$p' shakespeare/valid.txt")
+                   help="also evaluate each finished run on this text (ept eval), e.g. the valid split's "
+                        "Twelfth Night (docs/experiments/stability.md says how to cut it out)")
     q.set_defaults(func=cmd_report)
     args = p.parse_args()
     return args.func(args)
