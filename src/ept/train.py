@@ -115,8 +115,7 @@ class TrainState:
     rollbacks: int = 0
     bad_steps: int = 0  # consecutive steps whose free phase missed div_res
     seconds: float = 0.0  # training wall time over all sessions of the run
-    best_val: float = math.inf  # the best periodic val CE so far (its checkpoint is RUN/best)
-    best_step: int = 0
+    best_val: float = math.inf  # the best periodic val CE so far (its checkpoint and step: RUN/best)
 
 
 @dataclass
@@ -251,14 +250,13 @@ def save(s: Session, run: Path, analog: AnalogSession | None = None, best: bool 
     return ckpt.save_checkpoint(run, s.state.step, weights, state, keep=s.cfg.train.keep)
 
 
-def note_val(s: Session, val: float, run: Path | None, analog: AnalogSession | None = None) -> bool:
-    """Record a periodic val CE; a new best is checkpointed into ``run/best``. True if it was one."""
+def note_val(s: Session, val: float, run: Path | None, analog: AnalogSession | None = None) -> None:
+    """Record a periodic val CE; a new best is checkpointed into ``run/best``."""
     if not val < s.state.best_val:  # NaN is never a best
-        return False
-    s.state.best_val, s.state.best_step = float(val), s.state.step
+        return
+    s.state.best_val = float(val)
     if run is not None:
         save(s, run, analog, best=True)
-    return True
 
 
 def best_note(run: Path | None) -> str:
@@ -360,7 +358,7 @@ def rollback(s: Session, snapshot: dict[str, Any], reason: str, metrics: Metrics
     load_session_state(s, snapshot)
     s.batches.set_state(stream)
     s.state.rollbacks = failed.rollbacks + 1
-    s.state.best_val, s.state.best_step = failed.best_val, failed.best_step  # best/ on disk stays the best
+    s.state.best_val = failed.best_val  # best/ on disk stays the best
     s.state.lr_scale = failed.lr_scale * (1.0 if initial else t.lr_backoff)
     event = {"event": "rollback", "step": failed.step, "to_step": s.state.step, "reason": reason,
              "lr_scale": s.state.lr_scale}
