@@ -112,21 +112,14 @@ class SolverConfig:
     # note). proj_jump=0: plain steps only.
     proj_every: int = 5
     proj_jump: float = 8.0
-    # Momentum (ept.solvers.momentum._Momentum): the heavy-ball step tuned to the spectrum of the relaxation
-    # map z + eps·F(z) on [mom_lo, hi], hi read off each sequence's recent steps. mom_lo is the
-    # spectrum's lower edge, which a few steps do not reveal: the block's linear part puts the bulk at
-    # 1 - eps·(1+c) (0 at the presets; a trained tiny block's lowest eigenvalue was -0.09), and a mode
-    # below mom_lo - (1 - hi) grows, so the edge is set with room. A sequence whose residual grows
-    # mom_restart-fold over its best since its last restart loses its momentum (the third time: plain
-    # steps for good). Over 13 trained tiny operators (`python benchmarks/solvers.py RUN...`, 4 batches
-    # each; 6 with the embeddings at 1.0, 7 at 0.02), F-evals to 1e-4 over plain iteration's: 0.310
-    # (batch counts; 0.385 summed per sequence) against Anderson's 0.431 (0.429); mom_restart 5: 0.311,
-    # 10: 0.320; m 6: 0.308; mom_lo -0.2: 0.309. Anderson stays ahead on three emb 0.02 operators (by
-    # 8-13%), whose spectra are less real. mom_m, the steps hi is read off (its own setting, not
-    # Anderson's memory m): over 20 trained tiny operators (the 13, the three of the plain-iteration
-    # default, of the heavy-ball default with T1 1 and with T1 20), 0.291 of plain iteration's batch
-    # F-evals at 4 against 0.305 at 8 (the earlier default) and 6 in between; 3 and 5 as 4 on the
-    # last three. A short window follows the estimate as the sequence moves.
+    # Momentum (ept.solvers.momentum._Momentum): the heavy-ball step tuned to the relaxation map's
+    # spectrum [lo, hi], both read off each sequence's last mom_m steps (Ritz values); mom_lo is the
+    # highest lower edge it assumes, since a mode below lo - (1 - hi) grows and training stiffens a
+    # block's map to eigenvalues near -1 (docs/experiments/stability.md). A sequence whose residual
+    # grows mom_restart-fold over its best since its last restart loses its momentum (the third time:
+    # plain steps for good). A short window follows the estimate as the sequence moves: 0.291 of plain
+    # iteration's F-evals at mom_m 4 against 0.305 at 8 over 20 trained tiny operators
+    # (`python benchmarks/solvers.py RUN...`).
     mom_m: int = 4
     mom_lo: float = -0.3
     mom_restart: float = 3.0
