@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -32,13 +31,15 @@ from ept.evaluate import Predictor, generate, mean_ce, unigram_ce
 from ept.grad import gradient
 from ept.model import EquilibriumLM
 from ept.optim import OPTIMIZERS, ParamEMA, build_optimizer, set_lr, wsd_factor
-from ept.plots import plot_curves, read_metrics
+from ept.plots import plot_curves
+from ept.runlog import METRICS_FILE as METRICS_FILE  # the run folder's name for it, read by callers
+from ept.runlog import MetricsLog, contraction_watch, progress_line, warn, window_record
 
 if TYPE_CHECKING:
     from ept.presets import RunConfig
 
 MODES = ("ep", "bptt", "bp")
-CONFIG_FILE, TOKENIZER_FILE, METRICS_FILE = "config.json", "tokenizer.json", "metrics.jsonl"
+CONFIG_FILE, TOKENIZER_FILE = "config.json", "tokenizer.json"
 CURVES_FILE, SAMPLE_FILE = "curves.png", "sample.txt"
 
 
@@ -268,39 +269,6 @@ def best_note(run: Path | None) -> str:
             f"{run / ckpt.BEST}: ept eval --ckpt {run} --best")
 
 
-class MetricsLog:
-    """Appends JSON records to metrics.jsonl (when the run has a folder) and keeps them in memory."""
-
-    def __init__(self, run: Path | None, resume_step: int | None):
-        self.path = None if run is None else run / METRICS_FILE
-        self.records: list[dict] = []
-        if self.path is not None and resume_step is not None and self.path.exists():
-            # Records past the checkpoint belong to steps that will be redone.
-            self.records = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            ckpt.atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in self.records).encode())
-
-    def write(self, record: dict) -> None:
-        self.records.append(record)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-
-def _fmt_time(sec: float) -> str:
-    sec = int(max(sec, 0))
-    return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
-
-
-def progress_line(rec: dict, steps: int, val: float | None) -> str:
-    t2 = f" T2 {rec['T2']:.0f}" if rec.get("T2") is not None else ""
-    t1 = f" T1 {rec['T1']:.0f}" if rec.get("T1") is not None else ""
-    res = f" res {rec['free_residual']:.1e}" if rec.get("free_residual") is not None else ""
-    v = f" val {val:.3f}" if val is not None else ""
-    eta = (steps - rec["step"]) / rec["it_s"] if rec["it_s"] > 0 else 0.0
-    return (f"step {rec['step']:>{len(str(steps))}}/{steps} loss {rec['loss']:.3f}{v}{res}{t1}{t2} "
-            f"lr {rec['lr']:.2e} | {rec['it_s']:.2f} it/s ETA {_fmt_time(eta)}")
-
-
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -308,30 +276,11 @@ def _stderr(msg: str) -> None:
 Update = Callable[[EquilibriumLM, torch.optim.Optimizer, dict[str, Tensor], float, float], float]
 
 
-
-
 NONFINITE_UPDATE = "non-finite weights after the update"
-def contraction_hint(control: dict[str, Any]) -> str:
-    """The control the early warning names (docs/experiments/stability.md measured the levers)."""
-    if float(control.get("eigreg", 0)) > 0:
-        return f"raise --eig_margin above {control.get('eig_margin')} or lower --lr"
-    return "hold it with --eigreg 1 --eig_margin 0.5 (the tiny preset's) or a lower --lr"
 
 
 class TrainingDiverged(RuntimeError):
     """Divergence persisted through ``max_rollbacks`` rollbacks; the last good checkpoint stays."""
-
-
-def _window_record(window: list[dict[str, Any]], step: int, lr: float, it_s: float) -> dict[str, Any]:
-    """Means over the log interval's steps (the worst residual is the max)."""
-    rec: dict[str, Any] = {"step": step, "lr": lr, "it_s": it_s}
-    keys = {k for st in window for k, v in st.items() if type(v) in (int, float)}
-    for k in sorted(keys):
-        vals = [float(st[k]) for st in window if type(st.get(k)) in (int, float)]
-        rec[k] = max(vals) if k.endswith("_max") else sum(vals) / len(vals)
-    if "free_fevals" in rec:
-        rec["T1"] = rec.pop("free_fevals")
-    return rec
 
 
 def rollback(s: Session, snapshot: dict[str, Any], reason: str, metrics: MetricsLog,
@@ -378,28 +327,6 @@ def rollback_point(s: Session, devices: AnalogSession | None) -> dict[str, Any]:
     if devices is not None:
         st["devices"] = devices.rollback_point()
     return st
-
-
-def contraction_watch(cfg: RunConfig, history: list[dict[str, Any]]) -> Any:
-    """The early warning of an EP run (None for BPTT and BP, which need no equilibrium), caught up
-    on a resumed run's earlier records."""
-    if cfg.train.mode != "ep":
-        return None
-    from ept.diagnostics import ContractionWatch
-
-    watch = ContractionWatch(contraction_hint(cfg.control))
-    for rec in history:
-        if rec.get("event") == "contraction_warning":
-            watch.fired.add(rec["signal"])
-        elif rec.get("event") in (None, "diag"):
-            watch.update(rec)
-    return watch
-
-
-def warn(watch: Any, rec: dict[str, Any], metrics: MetricsLog, log: Callable[[str], None]) -> None:
-    for w in watch.update(rec) if watch is not None else []:
-        metrics.write({"step": rec["step"], "event": "contraction_warning", **w})
-        log(f"step {rec['step']}: {w['message']}")
 
 
 def _evaluate(s: Session, data: TokenData, max_batches: int | None) -> dict[str, Any]:
@@ -532,7 +459,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
             metrics.write({"step": step, "val_ce": last_val})
             note_val(s, last_val, run, devices)
         if step % t.log_every == 0 or step == end:
-            rec = _window_record(window, step, lr, (step - tick_step) / max(time.time() - tick, 1e-9))
+            rec = window_record(window, step, lr, (step - tick_step) / max(time.time() - tick, 1e-9))
             metrics.write(rec)
             log(progress_line(rec, t.steps, last_val))
             warn(watch, rec, metrics, log)
