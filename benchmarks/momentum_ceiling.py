@@ -31,7 +31,7 @@ from ept.cli import UsageError
 from ept.cli.fingerprint import load_run
 from ept.diagnostics import dense_jacobian
 from ept.diagnostics.plots import plot_spectrum
-from ept.solvers.momentum import _MOM_HI, contraction
+from ept.solvers.momentum import MOM_HI, contraction
 from ept.speed import fixed_batch, load_tokens
 from ept.speed_fevals import ept_fevals, row_evals
 
@@ -81,7 +81,7 @@ def ceiling(run: str, batch: int, seq: int, eps: float, mom_lo: float, tol: floa
     mu = torch.from_numpy(mu_np)
     rho_plain = float(np.abs(mu_np).max())
     top = float(mu_np.real.max())
-    shipped = float(rates(mom_lo, min(max(top, _MOM_HI[0]), _MOM_HI[1]), mu).max())  # the rule's clip
+    shipped = float(rates(mom_lo, min(max(top, MOM_HI[0]), MOM_HI[1]), mu).max())  # the rule's clip
     rho_best, lo_best, hi_best = best_interval(mu)
     return {
         "run": run, "batch": batch, "seq": seq, "n": int(J.shape[0]), "eps": eps,

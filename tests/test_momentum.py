@@ -7,7 +7,7 @@ from conftest import batch, small_model
 
 import ept
 from ept.solvers import residual_per_seq
-from ept.solvers.momentum import _ritz_top
+from ept.solvers.momentum import ritz_top as ritz_top_of_products
 
 
 def relaxation_problem(spectrum: torch.Tensor, rows: int = 2, seed: int = 0):
@@ -21,8 +21,8 @@ def relaxation_problem(spectrum: torch.Tensor, rows: int = 2, seed: int = 0):
 
 
 def ritz_top(dz: torch.Tensor, dr: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-    """:func:`_ritz_top` from the steps themselves (the solver keeps their products up to date)."""
-    return _ritz_top(dz @ dz.transpose(1, 2), dz @ dr.transpose(1, 2), ok)
+    """:func:`ritz_top` from the steps themselves (the solver keeps their products up to date)."""
+    return ritz_top_of_products(dz @ dz.transpose(1, 2), dz @ dr.transpose(1, 2), ok)
 
 
 def test_momentum_reaches_the_solution_in_a_third_of_plain_iterations_steps():

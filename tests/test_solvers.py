@@ -265,16 +265,16 @@ def test_a_monitor_can_freeze_single_rows():
 def test_anderson_masks_forgotten_slots_as_if_they_were_gone():
     """A restart forgets a sequence's history: its next step equals that of a fresh Anderson fed only
     the iterates since the restart (the masked slots get exactly zero weight)."""
-    from ept.solvers.anderson import _Anderson
+    from ept.solvers.anderson import AndersonMixing
 
     g = torch.Generator().manual_seed(0)
     zs = [torch.randn(2, 6, generator=g, dtype=torch.float64) for _ in range(7)]
     fs = [torch.randn(2, 6, generator=g, dtype=torch.float64) * 0.5**i for i in range(7)]
-    kept = _Anderson(5, 1e-3, 1.0)
+    kept = AndersonMixing(5, 1e-3, 1.0)
     for i in range(4):
         kept.step(zs[i], fs[i], 0.5)
     restart = torch.tensor([True, False])
-    fresh = _Anderson(5, 1e-3, 1.0)
+    fresh = AndersonMixing(5, 1e-3, 1.0)
     out_kept = kept.step(zs[4], fs[4], 0.5, restart)
     out_fresh = fresh.step(zs[4], fs[4], 0.5)
     torch.testing.assert_close(out_kept[0], out_fresh[0])
@@ -302,7 +302,7 @@ def test_anderson_step_is_the_textbook_least_squares_step_even_where_residuals_s
     """The running products give the same system as the definition, after the ring buffer has
     wrapped, and where the residuals barely change (differences 1e-9 of the residuals, as at a
     ghost): products of the residuals themselves, not of their differences, lose every digit there."""
-    from ept.solvers.anderson import _Anderson
+    from ept.solvers.anderson import AndersonMixing
 
     g = torch.Generator().manual_seed(3)
     m, n = 4, 12
@@ -310,8 +310,24 @@ def test_anderson_step_is_the_textbook_least_squares_step_even_where_residuals_s
     for size in (1.0, 1e-9):
         xs = [torch.randn(2, n, generator=g, dtype=torch.float64) for _ in range(m + 3)]
         fs = [base + size * torch.randn(2, n, generator=g, dtype=torch.float64) for _ in range(m + 3)]
-        acc = _Anderson(m, 1e-3, 1.0)
+        acc = AndersonMixing(m, 1e-3, 1.0)
         for i in range(m + 3):
             out = acc.step(xs[i], fs[i], 1.0)
         ref = _anderson_reference(xs[-m:], fs[-m:], 1e-3, 1.0)
         torch.testing.assert_close(out, ref, rtol=1e-7, atol=1e-9)
+
+
+def test_the_registry_is_what_the_config_accepts_and_every_entry_relaxes():
+    from ept.config import SolverConfig, solver_methods
+    from ept.solvers.registry import SOLVERS
+
+    assert solver_methods() == tuple(SOLVERS) and "momentum" in SOLVERS
+    with pytest.raises(ValueError, match="not one of anderson, fixed_point"):
+        SolverConfig(method="newton")
+    A = -torch.eye(3, dtype=torch.float64) * 1.5
+    b = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    for name in SOLVERS:  # each one's step, driven by the one loop, finds the root of b + A z
+        z, stats = ept.solvers.solve(lambda z: b + z @ A.T, torch.ones_like(b), method=name, tol=1e-8,
+                                     max_iter=200)
+        assert stats.converged, name
+        assert torch.allclose(z, b / 1.5, atol=1e-6), name

@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 
 from ept.config import SolverConfig
-from ept.solvers.common import _TINY, _flat, _rows_mask, _unflat, plain_steps_pay
+from ept.solvers.common import TINY, flat, plain_steps_pay, rows_mask, unflat
 
 
-class _Anderson:
+class AndersonMixing:
     """Type-II Anderson mixing on g(z) = z + eps·F(z), one set of coefficients per sequence.
 
     Each step solves min ||f_k + ΔF γ|| over the differences ΔF_i = f_i - f_k to the newest residual
@@ -42,7 +42,7 @@ class _Anderson:
         self.count = 0
 
     def step(self, z: Tensor, fz: Tensor, eps: float, restart: Tensor | None = None) -> Tensor:
-        x, f = _flat(z), _flat(fz) * eps
+        x, f = flat(z), flat(fz) * eps
         f64 = f.to(torch.float64)
         if self.prev is None:
             B, n = x.shape
@@ -63,7 +63,7 @@ class _Anderson:
         self.count += 1
         k = min(self.count, self.m)
         if k == 1:
-            return _unflat(x + self.mix * f, z)
+            return unflat(x + self.mix * f, z)
         dF = self.dF[:, :k]
         new = torch.bmm(dF, dF[:, slot].unsqueeze(-1)).squeeze(-1)  # (B, k) dFᵢ·dF_new
         self.G[:, slot, :k], self.G[:, :k, slot] = new, new
@@ -77,7 +77,7 @@ class _Anderson:
         # not (the newest, and those from before a restart) are masked in the small k×k system, where
         # they get a unit diagonal, a zero right-hand side and so a zero coefficient.
         valid = (stamp.unsqueeze(0) >= self.since.unsqueeze(1)) & (stamp != self.count - 1)  # (B, k)
-        scale = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(_TINY)  # (B, k)
+        scale = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(TINY)  # (B, k)
         pair = valid.unsqueeze(-1) & valid.unsqueeze(-2)
         gram = torch.where(pair, gram / (scale.unsqueeze(-1) * scale.unsqueeze(-2)), 0.0)
         gram = gram + (self.lam + (~valid).to(gram.dtype)).diag_embed()
@@ -87,10 +87,10 @@ class _Anderson:
         c = (gamma @ M).unsqueeze(1)  # (B, 1, k)
         step_f = f64 + torch.bmm(c, dF).squeeze(1)
         step_x = x + torch.bmm(c.to(x.dtype), self.dX[:, :k]).squeeze(1)
-        return _unflat(step_x + self.mix * step_f.to(x.dtype), z)
+        return unflat(step_x + self.mix * step_f.to(x.dtype), z)
 
 
-class _Guard:
+class AndersonGuard:
     """Per-sequence safeguards around Anderson (see :class:`SolverConfig`).
 
     - far: plain steps while the residual is above ``accel_from`` and plain steps still cut it by
@@ -117,7 +117,7 @@ class _Guard:
         self.since_long: Tensor | None = None  # plain steps since the last long one (escaping rows)
         self.prev_f: Tensor | None = None
 
-    def step(self, accel: _Anderson, z: Tensor, fz: Tensor, res: Tensor, best: Tensor, cfg: SolverConfig,
+    def step(self, accel: AndersonMixing, z: Tensor, fz: Tensor, res: Tensor, best: Tensor, cfg: SolverConfig,
              reset: Tensor | None = None) -> Tensor:
         """``best``: each sequence's lowest residual so far, this one's included (:class:`_Best`)."""
         if self.mark is None:
@@ -142,11 +142,11 @@ class _Guard:
         return out
 
     def _escape(self, z: Tensor, fz: Tensor, out: Tensor, cfg: SolverConfig) -> Tensor:
-        f = _flat(fz)
+        f = flat(fz)
         due = self.plain_only & (self.since_long >= cfg.proj_every)
         if self.prev_f is not None:
             norms = torch.linalg.vector_norm(f, dim=1) * torch.linalg.vector_norm(self.prev_f, dim=1)
-            cos = (f * self.prev_f).sum(1) / norms.clamp_min(_TINY)
+            cos = (f * self.prev_f).sum(1) / norms.clamp_min(TINY)
             long = due & (cos.to(due.device) > 0.9)
         else:
             long = torch.zeros_like(due)
@@ -154,5 +154,24 @@ class _Guard:
         self.since_long = torch.where(long | ~self.plain_only, 0, self.since_long + 1)
         if not bool(long.any()):
             return out
-        return torch.where(_rows_mask(long, z), z + (1 + cfg.proj_jump) * cfg.eps * fz, out)
+        return torch.where(rows_mask(long, z), z + (1 + cfg.proj_jump) * cfg.eps * fz, out)
 
+
+
+class Anderson:
+    """The registry's "anderson": :class:`AndersonMixing` behind its :class:`AndersonGuard`."""
+
+    recovers = True
+
+    def __init__(self, cfg: SolverConfig):
+        self.mixing = AndersonMixing(cfg.m, cfg.lam, cfg.mix)
+        self.guard = AndersonGuard()
+
+    @classmethod
+    def from_config(cls, cfg: SolverConfig) -> Anderson:
+        return cls(cfg)
+
+    def step(self, z: Tensor, fz: Tensor, res: Tensor, best: Tensor | None, cfg: SolverConfig,
+             reset: Tensor | None = None) -> Tensor:
+        assert best is not None  # relax keeps it for every method that recovers
+        return self.guard.step(self.mixing, z, fz, res, best, cfg, reset)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ept.solvers.common import _TINY, _flat, _unflat
+from ept.config import SolverConfig
+from ept.solvers.common import TINY, flat, unflat
 
 
-class _Broyden:
+class Broyden:
     """"Good" Broyden on the root problem eps·F(z) = 0, matrix-free (rank-one factors), one per sequence.
 
     The inverse Jacobian starts at -I, so the first step is plain iteration; each evaluated point adds
     a rank-one correction (u, v) with B⁻¹ ≈ -I + Σ u vᵀ. Unlike Anderson's small least-squares window it
     keeps a long secant history, which is what stiff (oscillating) fields need.
     """
+
+    recovers = True
 
     def __init__(self, m: int):
         self.m = m
@@ -41,8 +44,17 @@ class _Broyden:
             t[rows.to(t.device)] = 0.0
         self.skip = rows
 
-    def step(self, z: Tensor, fz: Tensor, eps: float) -> Tensor:
-        x, g = _flat(z), _flat(fz) * eps
+    @classmethod
+    def from_config(cls, cfg: SolverConfig) -> Broyden:
+        # Dropping old secant pairs destabilises good Broyden, so it keeps all of them (as TorchDEQ
+        # does): two state-sized vectors per F-evaluation, the price of this method.
+        return cls(cfg.t1max)
+
+    def step(self, z: Tensor, fz: Tensor, res: Tensor, best: Tensor | None, cfg: SolverConfig,
+             reset: Tensor | None = None) -> Tensor:
+        if reset is not None:
+            self.forget(reset)
+        x, g = flat(z), flat(fz) * cfg.eps
         skip, self.skip = self.skip, None
         if self.prev is not None:
             dx, dg = x - self.prev[0], g - self.prev[1]
@@ -52,7 +64,7 @@ class _Broyden:
             # meaningless rank-one term: such a sequence gets no correction this step.
             norms = torch.linalg.vector_norm(v, dim=-1, keepdim=True) * torch.linalg.vector_norm(
                 dg, dim=-1, keepdim=True)
-            safe = denom.abs() > 1e-6 * norms + _TINY
+            safe = denom.abs() > 1e-6 * norms + TINY
             if skip is not None:  # a secant pair across a reset row's jump back would be meaningless
                 safe = safe & ~skip.to(safe.device).unsqueeze(-1)
             u = torch.where(safe, (dx - self._inv(dg)) / torch.where(safe, denom, 1.0), 0.0)
@@ -62,5 +74,5 @@ class _Broyden:
                 self.us.pop(0)
                 self.vs.pop(0)
         self.prev = (x, g)
-        return _unflat(x - self._inv(g), z)
+        return unflat(x - self._inv(g), z)
 

@@ -9,6 +9,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ept.config import SolverConfig
+
 Field = Callable[[Tensor], Tensor]
 # A monitor sees (z, F(z)) after every evaluation: True stops the solve, a (rows,) bool tensor
 # freezes the rows it flags (and stops the solve once every row is frozen).
@@ -39,7 +41,7 @@ class RowwiseField:
     def rows(self, idx: Tensor) -> RowwiseField:
         return RowwiseField(self.fn, tuple(t[idx] for t in self.inputs))
 
-_TINY = 1e-30
+TINY = 1e-30
 _PLAIN_PROGRESS = 0.9  # a plain step that cuts the residual by at least 10% is still worth taking
 
 
@@ -74,26 +76,41 @@ class SolveStats:
 def residual_per_seq(fz: Tensor, z: Tensor) -> Tensor:
     """||F(z)|| / ||z|| per row: the true, undamped residual (independent of the step size)."""
     num = torch.linalg.vector_norm(fz.flatten(1), dim=1)
-    den = torch.linalg.vector_norm(z.flatten(1), dim=1).clamp_min(_TINY)
+    den = torch.linalg.vector_norm(z.flatten(1), dim=1).clamp_min(TINY)
     return (num / den).real.to(torch.float64)
 
 
-def _flat(z: Tensor) -> Tensor:
+def flat(z: Tensor) -> Tensor:
     return (torch.view_as_real(z) if z.is_complex() else z).reshape(z.shape[0], -1)
 
 
-def _unflat(v: Tensor, like: Tensor) -> Tensor:
+def unflat(v: Tensor, like: Tensor) -> Tensor:
     if like.is_complex():
         return torch.view_as_complex(v.reshape(*like.shape, 2).contiguous())
     return v.reshape(like.shape)
 
 
-def _row_norm(t: Tensor) -> Tensor:
+def row_norm(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t.flatten(1), dim=1).real.to(torch.float64)
 
 
-def _rows_mask(rows: Tensor, like: Tensor) -> Tensor:
+def rows_mask(rows: Tensor, like: Tensor) -> Tensor:
     return rows.to(like.device).view(-1, *([1] * (like.dim() - 1)))
+
+
+class Solver(Protocol):
+    """One relaxation method's per-batch state, driven by :func:`ept.solvers.relax`.
+
+    Built once per solve from the :class:`SolverConfig`; ``step`` maps the current point ``z`` and
+    ``fz`` = F(z) to the next point. ``res`` is each row's residual and ``best`` its lowest so far
+    (this one's included; None for a method that does not ``recover``); ``reset`` flags rows the
+    loop just put back at their best point, whose history is void.
+    """
+
+    recovers: bool  # a blown-up row goes back to its best point (False: the solve stops)
+
+    def step(self, z: Tensor, fz: Tensor, res: Tensor, best: Tensor | None, cfg: SolverConfig,
+             reset: Tensor | None) -> Tensor: ...
 
 
 def plain_steps_pay(res: Tensor, prev_res: Tensor, accel_from: float) -> Tensor:

@@ -9,10 +9,8 @@ import torch
 from torch import Tensor
 
 from ept.config import SolverConfig, unknown_option_error
-from ept.solvers.anderson import _Anderson, _Guard
-from ept.solvers.broyden import _Broyden
-from ept.solvers.common import Field, Monitor, RowField, SolveStats, _row_norm, _rows_mask, residual_per_seq
-from ept.solvers.momentum import _Momentum
+from ept.solvers.common import Field, Monitor, RowField, SolveStats, residual_per_seq, row_norm, rows_mask
+from ept.solvers.registry import SOLVERS
 
 _ALIASES = {"T1": "min_iter", "t1max": "max_iter", "res_est": "tol"}
 # Every SolverConfig field except those solve() spells itself (method, and the seed's three above).
@@ -67,15 +65,7 @@ def relax(
 ) -> tuple[Tensor, SolveStats]:
     """:func:`solve` driven by a :class:`SolverConfig`."""
     stats = SolveStats(method=cfg.method)
-    accel: _Anderson | _Broyden | _Momentum | None = None
-    if cfg.method == "anderson":
-        accel = _Anderson(cfg.m, cfg.lam, cfg.mix)
-    elif cfg.method == "momentum":
-        accel = _Momentum(cfg.mom_m, cfg.mom_lo, cfg.mom_restart)
-    elif cfg.method == "broyden":
-        # Dropping old secant pairs destabilises good Broyden, so it keeps all of them (as TorchDEQ
-        # does): two state-sized vectors per F-evaluation, the price of this method.
-        accel = _Broyden(cfg.t1max)
+    method = SOLVERS[cfg.method].from_config(cfg)
     rows = z0.shape[0]
     done = torch.zeros(rows, dtype=torch.bool, device=z0.device)
     flagged = torch.zeros_like(done)
@@ -86,8 +76,7 @@ def relax(
     # Divergence is judged on the absolute ||F(z)|| per sequence: a state that blows up
     # geometrically keeps a bounded *relative* residual, so that one cannot see it.
     lowest = None
-    guard = _Guard()
-    best = _Best(rows) if accel is not None else None
+    best = _Best(rows) if method.recovers else None
     for k in range(cfg.t1max):
         fz, res, size = _evaluate(sub, z, sel, fz, res)
         stats.fevals += 1
@@ -126,16 +115,8 @@ def relax(
                 break
         if k + 1 == cfg.t1max:
             break
-        if isinstance(accel, _Anderson):
-            assert best is not None and best.res is not None  # kept for every secant solve
-            step = guard.step(accel, z, fz, res, best.res, cfg, reset)
-        elif accel is not None:
-            if reset is not None:
-                accel.forget(reset)
-            step = accel.step(z, fz, res, cfg) if isinstance(accel, _Momentum) else accel.step(z, fz, cfg.eps)
-        else:
-            step = z + cfg.eps * fz
-        z = step if not bool(done.any()) else torch.where(_rows_mask(done, z), z, step)
+        step = method.step(z, fz, res, None if best is None else best.res, cfg, reset)
+        z = step if not bool(done.any()) else torch.where(rows_mask(done, z), z, step)
         if cuttable:
             sel, sub = _narrow(field_fn, sub, sel, done)
     stats.done, stats.flagged = done, flagged
@@ -170,7 +151,7 @@ class _Best:
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         assert self.z is not None and self.fz is not None and self.res is not None and self.size is not None
         self.resets[rows.cpu()] += 1
-        m = _rows_mask(rows, z)
+        m = rows_mask(rows, z)
         r = rows.to(res.device)
         return (torch.where(m, self.z, z), torch.where(m, self.fz, fz), torch.where(r, self.res, res),
                 torch.where(r, self.size, size))
@@ -180,7 +161,7 @@ class _Best:
             self.z, self.fz, self.res, self.size = z, fz, res, size
             return
         better = res < self.res
-        m = _rows_mask(better, z)
+        m = rows_mask(better, z)
         self.z, self.fz = torch.where(m, z, self.z), torch.where(m, fz, self.fz)
         self.res, self.size = torch.where(better, res, self.res), torch.where(better, size, self.size)
 
@@ -190,13 +171,13 @@ def _evaluate(sub: Field, z: Tensor, sel: Tensor | None, fz: Tensor | None,
     """F(z), residual and ||F(z)|| per row; frozen rows outside ``sel`` keep their last values."""
     if sel is None or fz is None or res is None:
         fz = sub(z)
-        return fz, residual_per_seq(fz, z), _row_norm(fz)
+        return fz, residual_per_seq(fz, z), row_norm(fz)
     zs = z[sel]
     fs = sub(zs)
     fz, res = fz.clone(), res.clone()
     fz[sel] = fs
     res[sel.to(res.device)] = residual_per_seq(fs, zs)
-    return fz, res, _row_norm(fz)
+    return fz, res, row_norm(fz)
 
 
 

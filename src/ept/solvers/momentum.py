@@ -6,16 +6,16 @@ import torch
 from torch import Tensor
 
 from ept.config import SolverConfig
-from ept.solvers.common import _TINY, _flat, _unflat, plain_steps_pay
+from ept.solvers.common import TINY, flat, plain_steps_pay, unflat
 
-_MOM_HI = (0.5, 0.995)  # the range the spectrum's upper edge is taken from (see _Momentum)
+MOM_HI = (0.5, 0.995)  # the range the spectrum's upper edge is taken from (see HeavyBall)
 # The lower edge follows the stiff end the steps reveal (a trained block's relaxation map reached
 # eigenvalues near -1 at eps 0.5, which a heavy ball tuned to mom_lo -0.3 amplifies), with room.
 _MOM_LO_ROOM, _MOM_LO_MIN = 0.1, -3.0
 _MAX_MOM_RESTARTS = 2  # per sequence: after a third loss of momentum it takes plain steps
 
 
-class _Momentum:
+class HeavyBall:
     """Heavy-ball relaxation z ← z + a·r + b·(z − z_prev), r = eps·F(z), one (a, b) per sequence.
 
     On a linear field whose relaxation map g(z) = z + eps·F(z) has a real spectrum in [lo, hi], the
@@ -46,6 +46,8 @@ class _Momentum:
     steps for good.
     """
 
+    recovers = True
+
     def __init__(self, m: int, lo: float, restart: float):
         self.m, self.lo, self.restart = m, lo, restart
         self.dZ: Tensor | None = None  # (B, m, n) recent steps, ring buffer
@@ -70,8 +72,15 @@ class _Momentum:
             self.ok[rows.to(self.ok.device)] = False
             self.fresh = self.fresh | rows.to(self.fresh.device)
 
-    def step(self, z: Tensor, fz: Tensor, res: Tensor, cfg: SolverConfig) -> Tensor:
-        x, r = _flat(z), _flat(fz) * cfg.eps
+    @classmethod
+    def from_config(cls, cfg: SolverConfig) -> HeavyBall:
+        return cls(cfg.mom_m, cfg.mom_lo, cfg.mom_restart)
+
+    def step(self, z: Tensor, fz: Tensor, res: Tensor, best: Tensor | None, cfg: SolverConfig,
+             reset: Tensor | None = None) -> Tensor:
+        if reset is not None:
+            self.forget(reset)
+        x, r = flat(z), flat(fz) * cfg.eps
         if self.prev is None:
             B, n = x.shape
             self.dZ, self.dR = x.new_zeros(B, self.m, n), x.new_zeros(B, self.m, n)
@@ -110,8 +119,8 @@ class _Momentum:
             self.best = torch.where(lost, res, self.best)
         self.best = torch.minimum(self.best, res)
         still = self.fresh | lost  # no momentum this step
-        ritz_lo, hi = _ritz_range(self.gram, self.cross, self.ok)
-        hi = hi.clamp(*_MOM_HI).to(x.device)
+        ritz_lo, hi = ritz_range(self.gram, self.cross, self.ok)
+        hi = hi.clamp(*MOM_HI).to(x.device)
         lo = (ritz_lo.to(x.device) - _MOM_LO_ROOM).clamp_min(_MOM_LO_MIN).clamp_max(self.lo)
         a, b = heavy_ball_params(lo, hi)
         b = torch.where(still, 0.0, b)
@@ -120,7 +129,7 @@ class _Momentum:
         out = x + a.unsqueeze(1) * r + b.unsqueeze(1) * (x - px)
         self.prev, self.prev_res = (x, r), res
         self.fresh = torch.zeros_like(self.fresh)
-        return _unflat(out, z)
+        return unflat(out, z)
 
 
 def heavy_ball_params(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -142,17 +151,17 @@ def contraction(lo: Tensor, hi: Tensor, mu: Tensor) -> Tensor:
     return torch.maximum(((p + d) / 2).abs(), ((p - d) / 2).abs())
 
 
-def _ritz_top(gram: Tensor, cross: Tensor, ok: Tensor) -> Tensor:
+def ritz_top(gram: Tensor, cross: Tensor, ok: Tensor) -> Tensor:
     """Per row, the largest real part of 1 + the eigenvalues of (ΔZᵀΔZ)⁻¹ ΔZᵀΔR over the slots in
     ``ok`` (0 where a row has none): the top Ritz value of the map whose steps ΔZ changed r by ΔR,
     from the products ``gram`` = ΔZᵢ·ΔZⱼ and ``cross`` = ΔZᵢ·ΔRⱼ (float64, (B, m, m))."""
-    return _ritz_range(gram, cross, ok)[1]
+    return ritz_range(gram, cross, ok)[1]
 
 
-def _ritz_range(gram: Tensor, cross: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row, (lowest, largest) real part of the Ritz values of :func:`_ritz_top` (0 and 0 where
+def ritz_range(gram: Tensor, cross: Tensor, ok: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row, (lowest, largest) real part of the Ritz values of :func:`ritz_top` (0 and 0 where
     a row has no slot in use)."""
-    scale = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(_TINY)
+    scale = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt().clamp_min(TINY)
     outer = scale.unsqueeze(-1) * scale.unsqueeze(-2)
     pair = ok.unsqueeze(-1) & ok.unsqueeze(-2)
     eye = torch.eye(ok.shape[1], dtype=gram.dtype, device=ok.device)
