@@ -442,3 +442,20 @@ def test_bad_polish_settings_are_refused():
         EPConfig(polish_res=-1e-6)
     with pytest.raises(ValueError, match="polish_max >= 1"):
         EPConfig(polish_max=0)
+
+
+def test_the_routes_take_their_configs_as_objects_too(problem):
+    from ept.config import EPConfig, ImplicitConfig, SolverConfig
+
+    model, idx, tgt, oracle = problem
+    by_name, _ = ept.gradient(model, idx, tgt, route="ep", solver="anderson", hr=0.01, **EP_TIGHT)
+    solver = SolverConfig(method="anderson", res_est=1e-12, t1max=1000)
+    by_config, _ = ept.gradient(model, idx, tgt, route="ep", solver=solver,
+                                ep=EPConfig(hr=0.01, t2_tol=1e-11, t2sel=400))
+    assert all(torch.equal(by_name[k], by_config[k]) for k in by_name)
+    # a keyword next to a config replaces that one field
+    mixed, _ = ept.gradient(model, idx, tgt, route="implicit", solver=solver, implicit=ImplicitConfig(),
+                            t1max=1000)
+    assert compare(mixed, oracle)[0] > 1 - 1e-9
+    with pytest.raises(TypeError, match="ep= takes an EPConfig"):
+        ept.gradient(model, idx, tgt, route="ep", ep=solver)

@@ -1,17 +1,47 @@
-"""One dataclass per concern. Field names are the seed's flag names, so the CLI spelling and the
-Python spelling are the same word."""
+"""Every setting of ept, defined once: one dataclass per concern, one field per setting.
+
+A field's help text lives in its metadata (:func:`setting`); ``ept train``'s flags are generated
+from these fields (:data:`FLAGS`), so the CLI spelling, the Python spelling and the config.json key
+are the same word. A run's full configuration is a :class:`RunConfig`, saved as config.json.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass
+import math
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-ATTN_MODES = ("thick",)
-SOLVER_METHODS = ("anderson", "fixed_point", "broyden", "momentum")
-
 C = TypeVar("C")
+
+ATTN_MODES = ("thick",)
+ESTIMATORS = ("onesided", "centred", "holomorphic")
+ASYM = ("none", "fixed", "track", "linear")
+EIG_DIRS = ("sym", "slow")
+MODES = ("ep", "bptt", "bp")
+
+
+def setting(default: Any, help: str, **meta: Any) -> Any:
+    """A config field and its help text. ``meta``: ``flag`` (the CLI name where it is not the field's),
+    ``aliases`` (more CLI names), ``choices`` (a tuple, or a function returning one), ``cli=False``
+    (a field no flag sets)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+def solver_methods() -> tuple[str, ...]:
+    """The solver registry's names (read when a config is checked: the solvers import this module)."""
+    from ept.solvers.registry import SOLVERS
+
+    return tuple(SOLVERS)
+
+
+def optimizer_names() -> tuple[str, ...]:
+    from ept.optim import OPTIMIZERS
+
+    return OPTIMIZERS
 
 
 def unknown_option_error(kind: str, bad: str, valid: list[str]) -> TypeError:
@@ -30,26 +60,28 @@ def from_options(cls: type[C], options: dict[str, Any], kind: str) -> C:
     return cls(**options)
 
 
+# ------------------------------------------------------------------------------------ the block
+
+
 @dataclass
 class EPTConfig:
     """The equilibrium block: F(z) = x - (1+c) z + Attn(LN1 z) + FFN(LN2 z)."""
 
-    vocab_size: int = 512
-    C: int = 64
-    H: int = 4
-    T: int = 64
-    c: float = 1.0
-    qknorm: bool = False
-    attn_mode: str = "thick"
-    ffn_mult: int = 4
-    ln_f: bool = False  # optional LayerNorm before the readout
-    bias: bool = True
-    ln_eps: float = 1e-5
-    init_std: float = 0.02
-    # The token and position embeddings' std (0: init_std). x = wte + wpe sets the scale of z*, and
-    # LayerNorm's Jacobian is 1/std(z): embeddings at 0.02 make LN amplify the block's Jacobian by
-    # ~1/0.02 at init, which at C=512 pushes it past the damping (the relaxation never settles).
-    emb_std: float = 0.0
+    vocab_size: int = setting(512, "BPE vocabulary size (trained on the data)", aliases=("vocab",))
+    C: int = setting(64, "width")
+    H: int = setting(4, "attention heads")
+    T: int = setting(64, "context length")
+    c: float = setting(1.0, "damping leak: F = x - (1+c) z + ...")
+    qknorm: bool = setting(False, "normalise q and k per head")
+    attn_mode: str = setting("thick", "attention block: thick (free attention)", choices=ATTN_MODES)
+    ffn_mult: int = setting(4, "FFN hidden width, in multiples of C")
+    ln_f: bool = setting(False, "LayerNorm before the readout")
+    bias: bool = setting(True, "biases in the block's linear maps")
+    ln_eps: float = setting(1e-5, "LayerNorm epsilon")
+    init_std: float = setting(0.02, "std of the block's initial weights")
+    # x = wte + wpe sets the scale of z*, and LayerNorm's Jacobian is 1/std(z): embeddings at 0.02
+    # amplify the block's Jacobian ~50-fold at init (docs/experiments/embeddings.md).
+    emb_std: float = setting(0.0, "std of the token and position embeddings (0: init_std; every preset: 1.0)")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "C", "H", "T", "ffn_mult"):
@@ -74,59 +106,50 @@ class EPTConfig:
         return dataclasses.asdict(self)
 
 
+# ------------------------------------------------------------------------- relaxation and routes
+
+
 @dataclass
 class SolverConfig:
-    """A relaxation to the fixed point F(z) = 0.
+    """A relaxation to the fixed point F(z) = 0 (:mod:`ept.solvers`).
 
     Seed spelling: the free phase runs at least ``T1`` steps of z <- z + eps F(z), then keeps
     refining up to ``t1max`` while the residual is above ``res_est``.
     """
 
-    method: str = "anderson"  # "anderson" | "fixed_point" | "broyden" | "momentum"
-    eps: float = 0.5
-    T1: int = 0  # minimum iterations (the seed's fixed count)
-    t1max: int = 150  # maximum iterations
-    res_est: float = 1e-4  # target true residual ||F(z)|| / ||z||
-    m: int = 8  # Anderson memory
-    lam: float = 1e-2  # Anderson regularisation, relative to each (unit-scaled) residual difference
-    mix: float = 1.0  # Anderson mixing (1 = undamped)
-    div_factor: float = 1e4  # growth of a sequence's ||F(z)|| over its lowest that counts as divergence
-    # Anderson safeguards, per sequence (ept.solvers.anderson._Guard): plain steps while the residual is above
-    # accel_from and plain steps still cut it by 10%; a fresh history when the residual exceeds
-    # ``restart`` times its best; the dynamics for good (below) once the residual has not halved in
-    # ``stall`` Anderson steps. 12: over 13 trained tiny operators (6 with the embeddings at 1.0, 7 at
-    # 0.02; `python benchmarks/solvers.py RUN...`, 4 batches each) Anderson needed 0.431 of plain
-    # iteration's F-evals to 1e-4 (batch counts; 0.429 summed per sequence) against 0.507 (0.458) at
-    # 32, 0.449 at 16, 0.445 at 10; one operator lost 14%. On the emb 1.0 operators a stalled
-    # sequence is one Anderson sits on while plain iteration (and Broyden) go on; 32 was chosen before
-    # the stall escape's long steps existed, when a stalled sequence only had plain steps.
-    accel_from: float = 0.1
-    restart: float = 10.0
-    stall: int = 12
-    # After a stall the sequence follows the dynamics (plain steps), but every ``proj_every``+1-th step
-    # is a long one, (1 + proj_jump)·eps, where the last two F(z) point the same way (cos > 0.9): a
-    # projective integrator (Gear & Kevrekidis). A stalled sequence sits in a "ghost" (a slow passage
-    # past a near-root, a local minimum of ||F||) that a root finder cannot leave and plain iteration
-    # leaves slowly. Over 16 trained tiny operators (64 batches), F-evals to 1e-4 over the sequences
-    # plain iteration settles: Anderson/plain 0.50 -> 0.41, no operator worse, none diverged (issue 6
-    # note). proj_jump=0: plain steps only.
-    proj_every: int = 5
-    proj_jump: float = 8.0
-    # Momentum (ept.solvers.momentum._Momentum): the heavy-ball step tuned to the relaxation map's
-    # spectrum [lo, hi], both read off each sequence's last mom_m steps (Ritz values); mom_lo is the
-    # highest lower edge it assumes, since a mode below lo - (1 - hi) grows and training stiffens a
-    # block's map to eigenvalues near -1 (docs/experiments/stability.md). A sequence whose residual
-    # grows mom_restart-fold over its best since its last restart loses its momentum (the third time:
-    # plain steps for good). A short window follows the estimate as the sequence moves: 0.291 of plain
-    # iteration's F-evals at mom_m 4 against 0.305 at 8 over 20 trained tiny operators
-    # (`python benchmarks/solvers.py RUN...`).
-    mom_m: int = 4
-    mom_lo: float = -0.3
-    mom_restart: float = 3.0
+    method: str = setting("anderson", "free-phase solver", flag="solver", choices=solver_methods)
+    eps: float = setting(0.5, "relaxation step size: z <- z + eps F(z)")
+    T1: int = setting(0, "free phase: minimum iterations (bptt: the unrolled steps)")
+    t1max: int = setting(150, "free phase: maximum iterations")
+    res_est: float = setting(1e-4, "free phase: target residual ||F(z)||/||z||")
+    m: int = setting(8, "Anderson memory")
+    lam: float = setting(1e-2, "Anderson regularisation, relative to each residual difference")
+    mix: float = setting(1.0, "Anderson mixing (1: undamped)")
+    div_factor: float = setting(1e4, "a sequence whose ||F(z)|| grows this much over its lowest diverged")
+    # Anderson's safeguards (ept.solvers.anderson.AndersonGuard; the settings' study:
+    # docs/experiments/anderson_saddles.md).
+    accel_from: float = setting(0.1, "Anderson: plain steps while the residual is above this and still "
+                                "falling")
+    restart: float = setting(10.0, "Anderson: clear a sequence's history when its residual exceeds this x "
+                             "its best")
+    stall: int = setting(12, "Anderson: follow the dynamics for good after this many steps without halving "
+                         "the residual")
+    # A stalled sequence sits in a ghost (a slow passage past a near-root) that a root finder cannot
+    # leave: long steps where F holds its direction carry the slow drift (projective integration).
+    proj_every: int = setting(5, "after a stall: plain steps between two long ones (projective integration)")
+    proj_jump: float = setting(8.0, "after a stall: a long step spans 1 + this plain ones where F holds its "
+                               "direction; 0: none")
+    # The heavy ball (ept.solvers.momentum.HeavyBall) reads its spectrum [lo, hi] off each sequence's
+    # last mom_m steps; mom_lo is the highest lower edge it assumes (docs/experiments/heavy_ball.md).
+    mom_m: int = setting(4, "momentum: the recent steps the spectrum is read off")
+    mom_lo: float = setting(-0.3, "momentum: the lower edge assumed for the relaxation map's spectrum (lower "
+                            "where the steps reveal a stiffer mode)")
+    mom_restart: float = setting(3.0, "momentum: drop a sequence's momentum when its residual exceeds this x "
+                                 "its best")
 
     def __post_init__(self) -> None:
-        if self.method not in SOLVER_METHODS:
-            raise ValueError(f"solver method '{self.method}' is not one of {', '.join(SOLVER_METHODS)}")
+        if self.method not in solver_methods():
+            raise ValueError(f"solver method '{self.method}' is not one of {', '.join(solver_methods())}")
         if self.eps <= 0:
             raise ValueError(f"solver eps must be > 0, got {self.eps}")
         if self.t1max <= 0 or self.T1 < 0:
@@ -148,9 +171,11 @@ class SolverConfig:
 class ImplicitConfig:
     """The oracle: solve J^T λ = -g at z*, then one vjp of F with respect to θ."""
 
-    adjoint: str = "gmres"  # "gmres" (scipy, matrix-free) | "anderson" (adjoint iteration)
-    adj_tol: float | None = None  # None: 1e-10 in float64, 1e-5 in lower precision (reachable there)
-    adj_max_iter: int = 1000
+    adjoint: str = setting("gmres", "adjoint solve: gmres (scipy, matrix-free) or anderson (adjoint "
+                           "iteration)", choices=("gmres", "anderson"))
+    adj_tol: float | None = setting(None, "adjoint tolerance (None: 1e-10 in float64, 1e-5 in lower "
+                                    "precision)")
+    adj_max_iter: int = setting(1000, "adjoint iterations at most")
 
     def __post_init__(self) -> None:
         if self.adjoint not in ("gmres", "anderson"):
@@ -161,71 +186,54 @@ class ImplicitConfig:
 class BPTTConfig:
     """Autograd through T1 unrolled steps z <- z + eps F(z) from z0 = 0."""
 
-    T1: int = 150
-    eps: float = 0.5
-    div_factor: float = 1e4
+    T1: int = setting(150, "unrolled steps")
+    eps: float = setting(0.5, "relaxation step size")
+    div_factor: float = setting(1e4, "growth of ||F(z)|| over its lowest that counts as divergence")
 
     def __post_init__(self) -> None:
         if self.T1 <= 0 or self.eps <= 0:
             raise ValueError(f"bptt needs T1 > 0 and eps > 0, got T1={self.T1}, eps={self.eps}")
 
 
-ESTIMATORS = ("onesided", "centred", "holomorphic")
-ASYM = ("none", "fixed", "track", "linear")
-
-
 @dataclass
 class EPConfig:
-    """The nudged phases and the estimator that turns them into λ.
+    """The nudged phases and the estimator that turns them into λ (docs/method.md).
 
     ``hr`` is the nudge strength β (per token: the nudge is β·∂(Σ_tokens CE)/∂z), and the radius of
     the holomorphic contour. ``T2`` set: exactly T2 nudged steps; unset: adaptive, stop when the
-    estimate's relative change falls below ``t2_tol``, capped at ``t2sel``.
+    estimate's relative change falls below ``t2_tol``, capped at ``t2sel``. The CLI keeps the seed's
+    spelling: ``--holo N`` selects the holomorphic estimator, ``--t2sel K`` the adaptive T2.
     """
 
-    estimator: str = "centred"
-    holo: int = 4  # points on the contour for estimator="holomorphic"
-    hr: float = 0.02
-    asym: str = "fixed"
-    T2: int | None = None
-    t2sel: int = 100
-    t2_tol: float = 1e-6
-    nudge_solver: str = "anderson"
+    estimator: str = setting("centred", "onesided, centred or holomorphic", choices=ESTIMATORS)
+    holo: int = setting(4, "the holomorphic N-point estimator (2 = centred)")
+    hr: float = setting(0.02, "nudge strength beta / contour radius")
+    asym: str = setting("fixed", "AsymEP correction: none, fixed, track or linear (the nudged phase of F's "
+                        "linearisation at z*)", choices=ASYM)
+    T2: int | None = setting(None, "fixed nudged steps (without --t2sel)")
+    t2sel: int = setting(100, "adaptive nudged phase, capped at this many steps")
+    t2_tol: float = setting(1e-6, "adaptive T2: stop when the estimate changes less than this")
     # The nudged problem starts next to its solution and is nearly linear: a short, lightly
-    # regularised Anderson memory tracks it best (the free phase's m=8, lam=1e-2 gave worse EP
-    # cosines and blew up nudged phases of a trained tiny model).
-    nudge_m: int = 5
-    nudge_lam: float = 1e-4
-    # A nudged phase that blows up is relaxed once more at hr·retry_hr (0: never). Near a Hopf point
-    # Jᵀ - βH can lose stability where Jᵀ alone still has it; a smaller β keeps it, at the price of
-    # more sensitivity to the free phase's residual. Rolling back cannot help: same weights, same blow-up.
-    retry_hr: float = 0.25
-    # EP's estimate is the linear response of an equilibrium: a sequence whose free phase ended
-    # above this residual is not at one, so it is left out of the step's gradient (inf: never).
-    # Its nudged rows would otherwise start from a non-equilibrium, blow up and sink the batch, and
-    # its error enters the estimate amplified by 1/β. (0.1 let a tiny run at hr=0.01 roll back
-    # four times; 0.01 trained it cleanly: issue 6 note.)
-    drop_res: float = 0.01
-    # Leave out a sequence whose adaptive nudged estimate has not settled (changes by t2_tol or more)
-    # at t2sel. On a trained tiny block such a sequence's λ was 60% off while the settled ones matched
-    # the exact gradient to cos 0.9999996; but training the tiny preset with it (seeds 0/1/2) gave
-    # val CE 4.890/4.968/4.908 against 4.877/4.918/4.886 without, dropping up to 5 of 8 sequences a
-    # step late in the run (issue 6 note). Off by default; kept when no sequence settled.
-    drop_unsettled: bool = False
-    # Refine z* with Anderson to this residual before nudging (0: off), at most polish_max F-evals.
-    # EP's estimate is a finite difference of nudged states divided by β, so z*'s own error enters
-    # it amplified by 1/β — and by J⁻¹ twice where the block is near-critical (a residual r leaves z*
-    # ~r/σ_min away; the nudged response's curvature there is off by as much again). On a trained
-    # tiny block, λ's per-sequence error against a float64 oracle was 0.136 on average at the free
-    # phase's 1e-4 and 0.043 after polishing to 1e-6 (issue 6 note). Anderson starts from the
-    # attractor plain iteration found, so it refines that equilibrium rather than finding a saddle;
-    # a row that polishing does not improve keeps its free-phase state.
-    polish_res: float = 0.0
-    polish_max: int = 40
-    # Polish only the sequences the free phase brought within this × its res_est: farther out a
-    # root finder travels (30-100% of ||z*|| on a drifting tiny block) to roots the relaxation never
-    # reaches, and EP would train on equilibria that evaluation, which does not polish, never sees.
-    polish_from: float = 3.0
+    # regularised Anderson memory tracks it best.
+    nudge_solver: str = setting("anderson", "nudged-phase solver", choices=solver_methods)
+    nudge_m: int = setting(5, "nudged-phase Anderson memory")
+    nudge_lam: float = setting(1e-4, "nudged-phase Anderson regularisation")
+    # Near a Hopf point Jᵀ - βH can lose stability where Jᵀ alone still has it; a smaller β keeps it.
+    # Rolling back cannot help: same weights, same blow-up.
+    retry_hr: float = setting(0.25, "relax a blown-up nudged phase again at hr x this (0: never)")
+    # EP's estimate is the linear response of an equilibrium: a sequence not at one would start its
+    # nudged rows from a non-equilibrium, and its error enters the estimate amplified by 1/β.
+    drop_res: float = setting(0.01, "leave sequences whose free residual ends above this out of the EP "
+                              "gradient (inf: keep all)")
+    drop_unsettled: bool = setting(False, "leave sequences whose adaptive nudged estimate has not settled at "
+                                   "--t2sel out of the EP gradient")
+    # z*'s own error enters the estimate amplified by 1/β (and by J⁻¹ where the block is
+    # near-critical), so z* is refined before nudging (docs/experiments/polishing.md).
+    polish_res: float = setting(0.0, "refine z* with Anderson to this residual before nudging (0: off)")
+    polish_max: int = setting(40, "F-evaluations the polish may take")
+    # Farther out a root finder travels to roots the relaxation never reaches, which evaluation
+    # (no polish) never sees (docs/experiments/stability.md).
+    polish_from: float = setting(3.0, "polish only sequences whose free residual is within this x --res_est")
 
     def __post_init__(self) -> None:
         if self.estimator not in ESTIMATORS:
@@ -245,5 +253,195 @@ class EPConfig:
         if self.polish_res < 0 or self.polish_max < 1 or not self.polish_from > 0:
             raise ValueError(f"polish needs polish_res >= 0 (0: off), polish_max >= 1 and polish_from > 0, "
                              f"got {self.polish_res}, {self.polish_max}, {self.polish_from}")
-        if self.nudge_solver not in SOLVER_METHODS:
-            raise ValueError(f"nudge_solver '{self.nudge_solver}' is not one of {', '.join(SOLVER_METHODS)}")
+        if self.nudge_solver not in solver_methods():
+            raise ValueError(f"nudge_solver '{self.nudge_solver}' is not one of "
+                             f"{', '.join(solver_methods())}")
+
+
+# ----------------------------------------------------------------------------- stability controls
+
+
+@dataclass
+class ControlConfig:
+    """Stability controls (:mod:`ept.controls`); all off at their defaults."""
+
+    resreg: float = setting(0.0, "resreg: weight of the free phase's relative residual ||F(z*)||²/||z*||²")
+    jacreg: float = setting(0.0, "jacreg: base (starting) weight of the Jacobian penalty")
+    jr_floor: float = setting(0.0, "jacreg: the weight decays back to this once the residual is on target")
+    jr_max: float = setting(16.0, "jacreg: the weight's cap")
+    jr_target: float = setting(1e-4, "jacreg: free-phase residual above which the weight rises")
+    jr_up: float = setting(2.0, "jacreg: weight factor per step above the target")
+    jr_decay: float = setting(0.9, "jacreg: weight factor per step on target")
+    hutch: int = setting(1, "jacreg: Hutchinson probes per step")
+    eigreg: float = setting(0.0, "eigreg: weight of relu(omega + margin)², omega = u'Ju at z*")
+    eig_margin: float = setting(1.0, "eigreg: keep omega(J) <= -this")
+    eig_iters: int = setting(8, "eigreg: Lanczos steps per training step (warm-started)")
+    # "sym": ω is the numerical abscissa (the log-norm); "slow": the residual F(z*) the free phase
+    # left, which its slowest modes dominate (no Lanczos).
+    eig_dir: str = setting("sym", "eigreg: the direction u of u'Ju: sym (top eigenvector of (J+J')/2) or "
+                           "slow (the free phase's last residual, its slowest modes)", choices=EIG_DIRS)
+    seed: int = setting(0, "probes and Lanczos starts (the run's --seed)", cli=False)
+
+    def __post_init__(self) -> None:
+        for name in ("resreg", "jacreg", "jr_floor", "jr_max", "jr_target", "eigreg"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"control {name} must be >= 0, got {getattr(self, name)}")
+        if self.jr_floor > self.jr_max:
+            raise ValueError(f"jr_floor={self.jr_floor} is above jr_max={self.jr_max}; lower the floor")
+        if self.jr_up < 1 or not 0 < self.jr_decay <= 1:
+            raise ValueError(f"need jr_up >= 1 and 0 < jr_decay <= 1, got {self.jr_up}, {self.jr_decay}")
+        if self.eig_dir not in EIG_DIRS:
+            raise ValueError(f"eig_dir '{self.eig_dir}' is not one of {', '.join(EIG_DIRS)}")
+        if self.hutch < 1 or self.eig_iters < 2:
+            raise ValueError(f"need hutch >= 1 and eig_iters >= 2, got {self.hutch}, {self.eig_iters}")
+
+    @property
+    def active(self) -> bool:
+        return self.resreg > 0 or self.jacreg > 0 or self.eigreg > 0
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> ControlConfig:
+        return from_options(cls, options, "control")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------- training run
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation and the run's bookkeeping (:mod:`ept.train`)."""
+
+    mode: str = setting("ep", "ep (equilibrium propagation), bptt (backprop through the relaxation), bp "
+                        "(explicit)", choices=MODES)
+    steps: int = setting(300, "optimizer steps")
+    B: int = setting(16, "batch size (sequences)")
+    lr: float = setting(3e-3, "peak learning rate")
+    optimizer: str = setting("adamw", "adamw, sgd, sgdsai or lion", choices=optimizer_names)
+    weight_decay: float = setting(0.0, "decoupled weight decay")
+    warmup: int = setting(0, "linear warmup steps")
+    wsd: float = setting(0.0, "fraction of the steps in the final linear decay to zero")
+    pema: float = setting(0.0, "parameter-EMA decay; evaluation uses the EMA weights (0: off)")
+    clip: float = setting(1.0, "global gradient-norm clip (0: off)")
+    layers: int = setting(1, "depth of the explicit transformer (--mode bp)")
+    seed: int = setting(0, "seed of the initial weights, the data order and the controls' probes")
+    log_every: int = setting(10, "progress line and metrics.jsonl record every N steps")
+    eval_every: int = setting(100, "periodic validation (and RUN/best) every N steps")
+    eval_batches: int = setting(8, "valid batches per periodic evaluation; the final one covers the split")
+    ckpt_every: int = setting(100, "checkpoint every N steps")
+    keep: int = setting(2, "checkpoints kept in the run folder")
+    diag_cos: int = setting(0, "log gradient cosines and operator diagnostics every N steps (0: off)")
+    div_res: float = setting(0.1, "free-phase residual that counts as divergence after --div_patience steps")
+    div_patience: int = setting(3, "steps in a row above --div_res before a rollback")
+    lr_backoff: float = setting(0.5, "learning-rate factor applied at each rollback")
+    max_rollbacks: int = setting(5, "rollbacks before the run stops")
+    sample_tokens: int = setting(200, "tokens of the sample written at the end")
+    threads: int = setting(0, "torch CPU threads (0: torch's default); small models run best on 1")
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"--mode '{self.mode}' is not one of {', '.join(MODES)}")
+        if self.optimizer not in optimizer_names():
+            raise ValueError(f"--optimizer '{self.optimizer}' is not one of {', '.join(optimizer_names())}")
+        for name in ("steps", "B", "layers", "log_every", "eval_every", "ckpt_every", "keep", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.wsd <= 1 or not 0 <= self.pema < 1 or not 0 < self.lr_backoff < 1:
+            raise ValueError(f"need 0 <= --wsd <= 1, 0 <= --pema < 1, 0 < --lr_backoff < 1; got "
+                             f"{self.wsd}, {self.pema}, {self.lr_backoff}")
+        if min(self.warmup, self.clip, self.weight_decay, self.diag_cos, self.threads) < 0:
+            raise ValueError("--warmup, --clip, --weight_decay, --diag_cos and --threads must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    data: str | None = setting(None, "text file or folder (default: embedded Shakespeare)")
+    vocab: int = setting(0, "the requested BPE vocabulary (the model's is what the tokenizer achieved)",
+                         cli=False)
+    key: str = setting("", "the tokenized corpus' content hash, filled in once prepared", cli=False)
+
+
+@dataclass
+class RunConfig:
+    """The full resolved configuration of a run, one dataclass per concern (saved as config.json)."""
+
+    model: EPTConfig = field(default_factory=EPTConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    ep: EPConfig = field(default_factory=EPConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    control: dict[str, Any] = field(default_factory=dict)  # ControlConfig's fields
+    data: DataConfig = field(default_factory=DataConfig)
+    preset: str = ""
+    flags: dict[str, Any] = field(default_factory=dict)  # what was given on the command line, verbatim
+    analog: dict[str, Any] | None = None  # ept.analog.AnalogConfig fields of an --analog run
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["analog"] is None:  # a digital run's config.json stays readable by versions without analog
+            del d["analog"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        d = dict(d)
+        for key in d:
+            if key not in {f.name for f in dataclasses.fields(cls)}:
+                raise ValueError(f"config section '{key}' is unknown to this version of ept")
+        for name, section in SECTIONS.items():
+            if name in d and name != "control":
+                d[name] = from_options(section, d[name], f"{name} config")
+        return cls(**d)
+
+
+# RunConfig's sections, in the order ``ept train --help`` lists them.
+SECTIONS: dict[str, type] = {"train": TrainConfig, "model": EPTConfig, "solver": SolverConfig, "ep": EPConfig,
+                             "control": ControlConfig, "data": DataConfig}
+
+
+# ---------------------------------------------------------------------------------- the flags
+
+
+@dataclass(frozen=True)
+class Flag:
+    """One ``ept train`` flag: the setting it sets, its type and its help."""
+
+    name: str  # the CLI spelling (without dashes), also the preset key
+    section: str  # the RunConfig section
+    field: str  # the section's field
+    type: type
+    default: Any
+    help: str
+    aliases: tuple[str, ...] = ()
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
+
+
+def _scalar(hint: Any) -> type:
+    """int for ``int | None``, str for ``str | None``, the type itself otherwise."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def section_flags(section: str) -> list[Flag]:
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    return [Flag(f.metadata.get("flag", f.name), section, f.name, _scalar(hints[f.name]), f.default,
+                 f.metadata["help"], f.metadata.get("aliases", ()), f.metadata.get("choices"))
+            for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+def _all_flags() -> dict[str, Flag]:
+    out: dict[str, Flag] = {}
+    for section in SECTIONS:
+        for flag in section_flags(section):
+            for name in (flag.name, *flag.aliases):
+                if name in out:
+                    raise RuntimeError(f"flag --{name} is set by both {out[name].section} and {section}")
+            out[flag.name] = flag
+    return out
+
+
+FLAGS: dict[str, Flag] = _all_flags()  # every config flag of ``ept train``, by its CLI name

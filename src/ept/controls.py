@@ -20,65 +20,15 @@ gradient, and the floats to log.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ept.config import from_options
+from ept.config import ControlConfig
 from ept.diagnostics.operators import JacobianOps
 from ept.grad.common import Grads, param_grads
 from ept.model import EquilibriumLM
-
-EIG_DIRS = ("sym", "slow")
-
-
-@dataclass
-class ControlConfig:
-    """Stability controls; all off at their defaults. Field names are the seed's flag names."""
-
-    resreg: float = 0.0
-    jacreg: float = 0.0  # base (starting) weight of the Jacobian penalty
-    jr_floor: float = 0.0  # the weight decays back to this once the residual is on target
-    jr_max: float = 16.0
-    jr_target: float = 1e-4  # free-phase residual above which the jacreg weight rises
-    jr_up: float = 2.0
-    jr_decay: float = 0.9
-    hutch: int = 1  # Hutchinson probes per step
-    eigreg: float = 0.0
-    eig_margin: float = 1.0  # keep ω(J) <= -eig_margin
-    eig_iters: int = 8  # Lanczos steps per training step (warm-started)
-    # The direction u of eigreg's ω = uᵀJu: "sym", the top eigenvector of S = (J+Jᵀ)/2 (ω is then the
-    # numerical abscissa, the log-norm); "slow", the residual F(z*) the free phase left, which its
-    # slowest modes dominate (no Lanczos: it holds the rate the relaxation itself settles at).
-    eig_dir: str = "sym"
-    seed: int = 0  # probes and Lanczos starts; the generator's state is checkpointed
-
-    def __post_init__(self) -> None:
-        for name in ("resreg", "jacreg", "jr_floor", "jr_max", "jr_target", "eigreg"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"control {name} must be >= 0, got {getattr(self, name)}")
-        if self.jr_floor > self.jr_max:
-            raise ValueError(f"jr_floor={self.jr_floor} is above jr_max={self.jr_max}; lower the floor")
-        if self.jr_up < 1 or not 0 < self.jr_decay <= 1:
-            raise ValueError(f"need jr_up >= 1 and 0 < jr_decay <= 1, got {self.jr_up}, {self.jr_decay}")
-        if self.eig_dir not in EIG_DIRS:
-            raise ValueError(f"eig_dir '{self.eig_dir}' is not one of {', '.join(EIG_DIRS)}")
-        if self.hutch < 1 or self.eig_iters < 2:
-            raise ValueError(f"need hutch >= 1 and eig_iters >= 2, got {self.hutch}, {self.eig_iters}")
-
-    @property
-    def active(self) -> bool:
-        return self.resreg > 0 or self.jacreg > 0 or self.eigreg > 0
-
-    @classmethod
-    def from_dict(cls, options: dict[str, Any]) -> ControlConfig:
-        return from_options(cls, options, "control")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _rownorm(v: Tensor) -> Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,13 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ept.baseline import explicit_hidden
-from ept.config import SolverConfig
+from ept.config import RunConfig, SolverConfig
 from ept.data import eval_windows
 from ept.grad.common import free_phase
 from ept.model import EquilibriumLM
-
-if TYPE_CHECKING:
-    from ept.presets import RunConfig
 
 
 @dataclass

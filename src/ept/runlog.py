@@ -10,13 +10,11 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ept import checkpoint as ckpt
+from ept.config import RunConfig
 from ept.plots import read_metrics
-
-if TYPE_CHECKING:
-    from ept.presets import RunConfig
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,19 +26,17 @@ from ept import checkpoint as ckpt
 from ept.analog import AnalogConfig, SimulatedSubstrate, WriteLedger, project, run_summary
 from ept.analog.session import AnalogSession
 from ept.baseline import bp_gradient
+from ept.config import MODES as MODES  # re-exported: the routes a run trains with
+from ept.config import ControlConfig, RunConfig, TrainConfig
 from ept.data import TokenData, get_batch, save_tokenizer
 from ept.evaluate import Predictor, generate, mean_ce, unigram_ce
 from ept.grad import gradient
 from ept.model import EquilibriumLM
-from ept.optim import OPTIMIZERS, ParamEMA, build_optimizer, set_lr, wsd_factor
+from ept.optim import ParamEMA, build_optimizer, set_lr, wsd_factor
 from ept.plots import plot_curves
 from ept.runlog import METRICS_FILE as METRICS_FILE  # the run folder's name for it, read by callers
 from ept.runlog import MetricsLog, contraction_watch, progress_line, warn, window_record
 
-if TYPE_CHECKING:
-    from ept.presets import RunConfig
-
-MODES = ("ep", "bptt", "bp")
 CONFIG_FILE, TOKENIZER_FILE = "config.json", "tokenizer.json"
 CURVES_FILE, SAMPLE_FILE = "curves.png", "sample.txt"
 
@@ -48,52 +46,6 @@ def write_run_files(run: Path, cfg: RunConfig, data: TokenData) -> None:
     (what eval, generate, fingerprint and ``--resume`` read back)."""
     save_tokenizer(data.tokenizer, run / TOKENIZER_FILE)
     ckpt.write_json(run / CONFIG_FILE, cfg.to_dict())
-
-
-@dataclass
-class TrainConfig:
-    """The optimisation and the run's bookkeeping. Field names are the CLI flags."""
-
-    mode: str = "ep"
-    steps: int = 300
-    B: int = 16
-    lr: float = 3e-3
-    optimizer: str = "adamw"
-    weight_decay: float = 0.0
-    warmup: int = 0  # linear warmup steps
-    wsd: float = 0.0  # fraction of the steps in the final linear decay to zero
-    pema: float = 0.0  # parameter-EMA decay (0: off; evaluation then uses the raw weights)
-    clip: float = 1.0  # global gradient-norm clip (0: off)
-    layers: int = 1  # depth of the explicit transformer in --mode bp
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8  # valid batches per periodic evaluation; the final one covers the whole split
-    ckpt_every: int = 100
-    keep: int = 2  # checkpoints kept in the run folder
-    diag_cos: int = 0  # every N steps log gradient cosines and operator diagnostics (0: off)
-    div_res: float = 0.1  # free-phase residual that counts as "stopped converging" ...
-    div_patience: int = 3  # ... for this many steps in a row
-    lr_backoff: float = 0.5  # learning-rate factor applied at each rollback
-    max_rollbacks: int = 5
-    sample_tokens: int = 200
-    threads: int = 0  # torch CPU threads (0: torch's default); small models run best on 1
-
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"--mode '{self.mode}' is not one of {', '.join(MODES)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer '{self.optimizer}' is not one of {', '.join(OPTIMIZERS)}")
-        for name in ("steps", "B", "layers", "log_every", "eval_every", "ckpt_every", "keep", "eval_batches"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ValueError(f"--lr must be a positive number, got {self.lr}")
-        if not 0 <= self.wsd <= 1 or not 0 <= self.pema < 1 or not 0 < self.lr_backoff < 1:
-            raise ValueError(f"need 0 <= --wsd <= 1, 0 <= --pema < 1, 0 < --lr_backoff < 1; got "
-                             f"{self.wsd}, {self.pema}, {self.lr_backoff}")
-        if min(self.warmup, self.clip, self.weight_decay, self.diag_cos, self.threads) < 0:
-            raise ValueError("--warmup, --clip, --weight_decay, --diag_cos and --threads must be >= 0")
 
 
 def grad_options(cfg: RunConfig) -> dict[str, Any]:
@@ -138,7 +90,7 @@ def build_session(cfg: RunConfig) -> Session:
     ema = ParamEMA(model, t.pema) if t.pema > 0 else None
     controller = None
     if any(float(v) > 0 for k, v in cfg.control.items() if k in ("resreg", "jacreg", "eigreg")):
-        from ept.controls import ControlConfig, Controller  # only runs that use a control need it
+        from ept.controls import Controller  # only runs that use a control need it
 
         controller = Controller(ControlConfig.from_dict(cfg.control))
     batches = torch.Generator().manual_seed(t.seed + 1)

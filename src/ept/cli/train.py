@@ -22,93 +22,38 @@ from ept.analog.cli_args import add_arguments as add_analog_arguments
 from ept.analog.cli_args import config_from_args as analog_config_from_args
 from ept.analog.cli_args import overrides_from_args as analog_overrides_from_args
 from ept.cli import UsageError
-from ept.config import EPTConfig
+from ept.config import SECTIONS, RunConfig, section_flags
 from ept.data import DataError, TokenData, load_corpus, prepare
-from ept.presets import CONTROL_FLAGS, PRESETS, RunConfig, resolve
-from ept.train import CONFIG_FILE, TrainConfig, TrainingDiverged, train, write_run_files
+from ept.presets import PRESETS, SEED_FLAGS, resolve
+from ept.train import CONFIG_FILE, TrainingDiverged, train, write_run_files
 
-HELP = {
-    "emb_std": "std of the token and position embeddings (0: init_std; every preset: 1.0)",
-    "mode": "ep (equilibrium propagation), bptt (backprop through the relaxation), bp (explicit)",
-    "steps": "optimizer steps",
-    "B": "batch size (sequences)",
-    "lr": "peak learning rate",
-    "optimizer": "adamw, sgd, sgdsai or lion",
-    "wsd": "fraction of the steps in the final linear decay",
-    "warmup": "linear warmup steps",
-    "pema": "parameter-EMA decay; evaluation uses the EMA weights",
-    "clip": "gradient-norm clip (0: off)",
-    "layers": "depth of the explicit transformer (--mode bp)",
-    "diag_cos": "log gradient cosines and operator diagnostics every N steps",
-    "div_res": "free-phase residual that counts as divergence after --div_patience steps",
-    "vocab_size": "BPE vocabulary size (trained on the data)",
-    "C": "width",
-    "H": "heads",
-    "T": "context length",
-    "c": "damping leak",
-    "qknorm": "normalise q and k per head",
-    "T1": "free phase: minimum iterations (bptt: unrolled steps)",
-    "t1max": "free phase: maximum iterations",
-    "res_est": "free phase: target residual ||F(z)||/||z||",
-    "eps": "relaxation step size",
-    "solver": "free-phase solver: anderson, fixed_point, broyden or momentum",
-    "m": "Anderson memory",
-    "holo": "holomorphic N-point estimator (2 = centred)",
-    "hr": "nudge strength beta / contour radius",
-    "track": "AsymEP correction linearised at the current state",
-    "asym": "AsymEP correction: none|fixed|track|linear (the nudged phase of F's linearisation at z*)",
-    "t2sel": "adaptive nudged phase, capped at this many steps",
-    "T2": "fixed nudged steps (without --t2sel)",
-    "t2_tol": "adaptive T2: stop when the estimate changes less than this",
-    "estimator": "onesided|centred|holomorphic",
-    "lam": "Anderson regularisation (relative)",
-    "accel_from": "Anderson: plain steps while the residual is above this and still falling",
-    "restart": "Anderson: clear a sequence's history when its residual exceeds this x its best",
-    "stall": "Anderson: follow the dynamics for good after this many steps without halving the residual",
-    "proj_every": "after a stall: plain steps between two long ones (projective integration)",
-    "proj_jump": "after a stall: a long step spans 1 + this plain ones where F holds its direction; 0: none",
-    "mom_m": "momentum: the recent steps the spectrum's upper edge is read off",
-    "mom_lo": "momentum: the lower edge assumed for the relaxation map's spectrum (lower where the "
-              "steps reveal a stiffer mode)",
-    "mom_restart": "momentum: drop a sequence's momentum when its residual exceeds this x its best",
-    "nudge_solver": "nudged-phase solver: anderson, fixed_point, broyden or momentum",
-    "nudge_m": "nudged-phase Anderson memory",
-    "nudge_lam": "nudged-phase Anderson regularisation",
-    "retry_hr": "relax a blown-up nudged phase again at hr x this (0: never)",
-    "drop_res": "leave sequences whose free residual ends above this out of the EP gradient",
-    "polish_res": "refine z* with Anderson to this residual before nudging (0: off)",
-    "polish_max": "F-evaluations the polish may take",
-    "polish_from": "polish only sequences whose free residual is within this x --res_est",
-    "drop_unsettled": "leave sequences whose adaptive nudged estimate has not settled at --t2sel out of the "
-                      "EP gradient",
-    "jr_target": "jacreg: free-phase residual above which the weight rises",
-    "jr_up": "jacreg: weight factor per step above the target",
-    "jr_decay": "jacreg: weight factor per step on target",
-    "hutch": "jacreg: Hutchinson probes per step",
-    "eig_iters": "eigreg: Lanczos steps per training step",
-    "eig_dir": "eigreg: the direction u of uᵀJu: sym (top eigenvector of (J+Jᵀ)/2) or slow (the free "
-               "phase's last residual, its slowest modes)",
-}
 RUN_FLAGS = ("out", "resume", "ckpt", "state", "init_ckpt", "stop_after", "json", "preset")
 RESUMABLE = ("steps",)  # flags a resumed run may change (extending it); everything else is fixed
 
 
-def _flag_type(default: Any) -> type:
-    return type(default) if default is not None else str
+# The --help group each RunConfig section's flags are listed under.
+GROUPS = {"train": "training", "model": "model", "solver": "free and nudged phases",
+          "ep": "free and nudged phases", "control": "stability controls", "data": "data"}
 
 
-def _add_dataclass_flags(group: argparse._ArgumentGroup, cls: type, names: tuple[str, ...]) -> None:
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for name in names:
-        default = fields[name].default
-        if isinstance(default, bool):
-            group.add_argument(
-                f"--{name}", action="store_true", default=argparse.SUPPRESS, help=HELP.get(name)
-            )
-        else:
-            group.add_argument(
-                f"--{name}", type=_flag_type(default), default=argparse.SUPPRESS, help=HELP.get(name)
-            )
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (:data:`ept.config.FLAGS`), its help text the field's own."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for section in SECTIONS:
+        title = GROUPS[section]
+        group = groups.get(title) or groups.setdefault(title, parser.add_argument_group(title))
+        for flag in section_flags(section):
+            names = [f"--{n}" for n in (flag.name, *flag.aliases)]
+            if flag.type is bool:
+                group.add_argument(*names, dest=flag.name, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=flag.help)
+                continue
+            choices = flag.choices() if callable(flag.choices) else flag.choices
+            group.add_argument(*names, dest=flag.name, type=flag.type, choices=choices,
+                               default=argparse.SUPPRESS, help=flag.help)
+        if section == "ep":
+            for name, text in SEED_FLAGS.items():
+                group.add_argument(f"--{name}", action="store_true", default=argparse.SUPPRESS, help=text)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -146,66 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="end this session after that step (checkpointed; --resume continues)",
     )
     run.add_argument("--json", action="store_true", help="print the run summary as one last JSON line")
-    p.add_argument(
-        "--data", default=argparse.SUPPRESS, help="text file or folder (default: embedded Shakespeare)"
-    )
-    _add_dataclass_flags(
-        p.add_argument_group("training"), TrainConfig, tuple(f.name for f in dataclasses.fields(TrainConfig))
-    )
-    model = p.add_argument_group("model")
-    model.add_argument(
-        "--vocab_size",
-        "--vocab",
-        dest="vocab_size",
-        type=int,
-        default=argparse.SUPPRESS,
-        help=HELP["vocab_size"],
-    )
-    _add_dataclass_flags(
-        model, EPTConfig,
-        ("C", "H", "T", "c", "qknorm", "attn_mode", "ffn_mult", "ln_f", "init_std", "emb_std"),
-    )
-    phase = p.add_argument_group("free and nudged phases")
-    for name, typ in (
-        ("solver", str),
-        ("eps", float),
-        ("T1", int),
-        ("t1max", int),
-        ("res_est", float),
-        ("m", int),
-        ("lam", float),
-        ("accel_from", float),
-        ("restart", float),
-        ("stall", int),
-        ("proj_every", int),
-        ("proj_jump", float),
-        ("mom_m", int),
-        ("mom_lo", float),
-        ("mom_restart", float),
-        ("estimator", str),
-        ("holo", int),
-        ("hr", float),
-        ("asym", str),
-        ("T2", int),
-        ("t2sel", int),
-        ("t2_tol", float),
-        ("nudge_solver", str),
-        ("nudge_m", int),
-        ("nudge_lam", float),
-        ("retry_hr", float),
-        ("drop_res", float),
-        ("polish_res", float),
-        ("polish_max", int),
-        ("polish_from", float),
-    ):
-        phase.add_argument(f"--{name}", type=typ, default=argparse.SUPPRESS, help=HELP.get(name))
-    phase.add_argument("--track", action="store_true", default=argparse.SUPPRESS, help=HELP["track"])
-    phase.add_argument("--drop_unsettled", action="store_true", default=argparse.SUPPRESS,
-                       help=HELP["drop_unsettled"])
-    controls = p.add_argument_group("stability controls")
-    for name in CONTROL_FLAGS:
-        typ = int if name in ("hutch", "eig_iters") else str if name == "eig_dir" else float
-        controls.add_argument(f"--{name}", type=typ, default=argparse.SUPPRESS, help=HELP.get(name))
+    add_config_flags(p)
     add_analog_arguments(p)
     p.set_defaults(func=run_train)
 

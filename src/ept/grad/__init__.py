@@ -8,7 +8,8 @@
 Options are the fields of the route's config (:class:`~ept.config.EPConfig`,
 :class:`~ept.config.ImplicitConfig`, :class:`~ept.config.BPTTConfig`) plus, for the routes that
 relax to z*, the free-phase solver's (:class:`~ept.config.SolverConfig`, with ``solver`` naming
-its method). A name that belongs to no option of the route is an error.
+its method). A name that belongs to no option of the route is an error. The configs themselves
+work too: ``ept.gradient(model, idx, targets, solver=SolverConfig(...), ep=EPConfig(...))``.
 """
 
 from __future__ import annotations
@@ -39,20 +40,32 @@ def _solver_options(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def split_options(route: str, opts: dict[str, Any]) -> tuple[SolverConfig | None, Any]:
-    """Parse ``opts`` into (free-phase solver config, route config), refusing unknown names."""
+    """Parse ``opts`` into (free-phase solver config, route config), refusing unknown names.
+
+    ``solver`` may be a :class:`SolverConfig` and the route's own name its config (``ep=EPConfig(...)``,
+    ``implicit=``, ``bptt=``); the other options then replace those configs' fields.
+    """
     if route not in ROUTES:
         raise ValueError(f"unknown gradient route '{route}': choose one of {', '.join(ROUTES)}")
     opts = dict(opts)
     cls = _ROUTE_CONFIG[route]
+    base = opts.pop(route, None)
+    if base is not None and not isinstance(base, cls):
+        raise TypeError(f"{route}= takes an {cls.__name__}, got {type(base).__name__}")
+    given_solver = route != "bptt" and isinstance(opts.get("solver"), SolverConfig)
+    base_solver = opts.pop("solver") if given_solver else None
     route_names = [f.name for f in dataclasses.fields(cls)]
     route_opts = {k: opts.pop(k) for k in list(opts) if k in route_names}
+    route_cfg = cls(**route_opts) if base is None else dataclasses.replace(base, **route_opts)
     solver = None
     if route != "bptt":
-        solver = SolverConfig(**_solver_options(opts))
+        solver_opts = _solver_options(opts)
+        solver = SolverConfig(**solver_opts) if base_solver is None else dataclasses.replace(base_solver,
+                                                                                             **solver_opts)
     for key in opts:
         valid = route_names + ([] if route == "bptt" else ["solver", *SolverConfig.__dataclass_fields__])
         raise unknown_option_error(f"'{route}' route", key, [v for v in valid if v != "method"])
-    return solver, cls(**route_opts)
+    return solver, route_cfg
 
 
 def gradient(
