@@ -40,6 +40,8 @@ RECIPES: dict[str, list[str]] = {
     "eig05": ["--eigreg", "1", "--eig_margin", "0.5"],
     "eig1": ["--eigreg", "1", "--eig_margin", "1.0"],
     "eig02": ["--eigreg", "1", "--eig_margin", "0.2"],
+    "eig0": ["--eigreg", "1", "--eig_margin", "0.0"],
+    "eigm1": ["--eigreg", "1", "--eig_margin", "-1.0"],  # lets ω(J) reach +1: non-normal, still held
     "t1max300": ["--eigreg", "0", "--t1max", "300"],
     "slow05": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_dir", "slow"],
     "slow1": ["--eigreg", "1", "--eig_margin", "1.0", "--eig_dir", "slow"],
