@@ -1,8 +1,9 @@
 """Stability controls: penalties that keep the block contractive while it learns.
 
-Training drifts J = ∂F/∂z towards a Hopf bifurcation (DESIGN.md §3). Three default-off controls,
-each a penalty P(θ) evaluated locally at the free-phase state z* (z and x held fixed, so only
-the block's parameters receive a gradient; nothing flows through the relaxation):
+Training drifts J = ∂F/∂z towards a Hopf bifurcation (docs/experiments/stability.md). Three
+default-off controls, each a penalty P(θ) evaluated locally at the free-phase state z* (z and x
+held fixed, so only the block's parameters receive a gradient; nothing flows through the
+relaxation):
 
 - ``resreg ρ``: ρ·mean_b ||F(z*)||²/||z*||², the relative residual the free phase left behind.
 - ``jacreg λ``: w·||K||_F²/n by Hutchinson, K = J + (1+c)I = ∂(Attn+FFN)/∂z. The leak is taken

@@ -1,6 +1,6 @@
 """The write ledger: pulses per device, and what they mean for device endurance.
 
-HfOx RRAM endures about 10^10 write cycles; the claim to check (DESIGN.md §5) is that a training
+HfOx RRAM endures about 10^10 write cycles; the claim to check (the hardware plan) is that a training
 run of the seed's canonical recipe (32,000 steps) needs at most 10^8 writes on any device.
 """
 

@@ -12,7 +12,8 @@ Sources (aihwkit 1.2.0, ``aihwkit/simulator/presets/devices.py`` and ``presets/u
 
 Every pulsed preset uses aihwkit's ``PresetIOParameters`` periphery: 7-bit DAC, 9-bit ADC, output
 bound 20, output noise 0.1, no weight read noise. Updates default to threshold programming (digital
-accumulation, DESIGN.md §5); ``pulse_mode=stochastic`` gives aihwkit's stochastic pulse trains (BL 31).
+accumulation, as a tile controller would); ``pulse_mode=stochastic`` gives aihwkit's stochastic
+pulse trains (BL 31).
 """
 
 from __future__ import annotations

@@ -200,10 +200,11 @@ def polish(model: EquilibriumLM, x: Tensor, z_star: Tensor, stats: SolveStats, s
     assert stats.residual_per_seq is not None
     # Next to an equilibrium the secant model is good from the first step: no plain-step gate, and
     # the nudged phase's short, lightly regularised memory (it too starts next to its solution). A
-    # sequence polishing has not halved in 16 steps has no equilibrium nearby (polishing is bimodal,
-    # issue 6 note): the stall guard hands it to plain steps whatever the free solver's own ``stall``,
-    # and without the long steps of the stall escape, which would carry it along the dynamics away
-    # from the attractor the free phase found: polishing refines z*, it does not travel.
+    # sequence polishing has not halved in 16 steps has no equilibrium nearby (polishing is bimodal:
+    # docs/experiments/polishing.md): the stall guard hands it to plain steps whatever the free
+    # solver's own ``stall``, and without the long steps of the stall escape, which would carry it
+    # along the dynamics away from the attractor the free phase found: polishing refines z*, it does
+    # not travel.
     pcfg = dataclasses.replace(solver, method="anderson", T1=0, t1max=cfg.polish_max, res_est=cfg.polish_res,
                                accel_from=math.inf, m=cfg.nudge_m, lam=cfg.nudge_lam, stall=_POLISH_STALL,
                                proj_jump=0.0)
@@ -290,7 +291,7 @@ def nudged_phase(
 
     def settled(z: Tensor, _: Tensor) -> Tensor:
         # Per sequence: one hard sequence must not keep the settled ones relaxing (and drifting:
-        # on a trained block a settled estimate can wander off again, issue 6 note).
+        # on a trained block a settled estimate can wander off again).
         v = estimate(z).flatten(1)
         last = prev.get("v")
         prev["v"] = v
@@ -302,8 +303,8 @@ def nudged_phase(
 
     steps = cfg.t2sel if adaptive else cfg.T2
     # z* is a good point to extrapolate from, so Anderson starts at once (no plain-step gate).
-    # The stall guard is the free phase's (a ghost of a root); the nudged phase keeps the 32 steps it
-    # was measured with (issue 6 notes), whatever the free solver's own ``stall``.
+    # The stall guard is the free phase's (a ghost of a root); the nudged phase keeps the 32 steps its
+    # settings were measured with, whatever the free solver's own ``stall``.
     nudge_cfg = dataclasses.replace(solver, method=cfg.nudge_solver, T1=0 if adaptive else steps, t1max=steps,
                                     res_est=0.0, accel_from=math.inf, m=cfg.nudge_m, lam=cfg.nudge_lam,
                                     stall=_NUDGE_STALL)

@@ -21,11 +21,10 @@ class HeavyBall:
     On a linear field whose relaxation map g(z) = z + eps·F(z) has a real spectrum in [lo, hi], the
     pair a = 4 / (√α + √β)², b = ((√β − √α) / (√β + √α))² with α = 1 − hi, β = 1 − lo (Polyak's heavy
     ball; Frankel's second-order Richardson) contracts every mode by (√κ − 1) / (√κ + 1), κ = β / α, per
-    F-evaluation, against hi for plain iteration: 0.46 against 0.85 on a trained tiny block. That
-    block's spectrum is what makes this the right method there: at z* its relaxation map's
-    eigenvalues were real to within 0.12, in [-0.09, 0.85], with ~60 of them above 0.5 (about one per
-    token), too many for Anderson's window to deflate one by one, so Anderson stays near the bulk's
-    own rate while a polynomial for the whole interval does not.
+    F-evaluation, against hi for plain iteration. A trained tiny block's relaxation map has a nearly
+    real spectrum with about one eigenvalue above 0.5 per token, too many for Anderson's window to
+    deflate one by one, while a polynomial for the whole interval does not care how many there are
+    (docs/experiments/heavy_ball.md).
 
     ``hi`` is read off each sequence's last ``m`` steps: with pairs Δz, Δr, (∂g/∂z − I) Δz ≈ Δr, so
     the eigenvalues of (ΔZᵀΔZ)⁻¹ ΔZᵀΔR are the Ritz values of ∂g/∂z − I on the span of recent steps,
@@ -38,8 +37,8 @@ class HeavyBall:
 
     The step is a polynomial in the dynamics, not a root finder: z* is a fixed point of it exactly
     when it is one of g, and one where g has an eigenvalue above 1 (a saddle the dynamics leaves)
-    stays unstable. Anderson and Broyden settle on such saddles (12 of 96 sequence solves on trained
-    tiny operators); this follows the dynamics to its attractor, faster.
+    stays unstable. Anderson and Broyden settle on such saddles of trained operators
+    (docs/experiments/anderson_saddles.md); this follows the dynamics to its attractor, faster.
 
     Safeguards, per sequence: plain steps while far (as Anderson's); a residual ``mom_restart`` times
     its best since the last restart drops the momentum and the recent steps; the third time, plain
