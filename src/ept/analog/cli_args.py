@@ -31,11 +31,12 @@ _PARSERS = {"float": float, "int": int, "bool": _bool, "str": str}
 
 
 def _fields() -> list[tuple[str, Any, str]]:
+    """(name, parser, help) of every device, periphery and update field."""
     out = []
     for cls in (DeviceConfig, IOConfig, UpdateConfig):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            out.append((f.name, _PARSERS[hints[f.name].__name__], cls.__name__))
+            out.append((f.name, _PARSERS[hints[f.name].__name__], f"{f.metadata['help']} ({cls.__name__})"))
     return out
 
 
@@ -48,9 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--analog_seed", type=int, default=0,
                        help="seed of device-to-device variation and read/write noise (0: --seed); "
                        "--seed alone still sets the initial weights and the data order")
-    for name, parse, owner in _fields():
+    for name, parse, text in _fields():
         flags = [f"--{name}"] + [f"--{a}" for a, target in ALIASES.items() if target == name]
-        group.add_argument(*flags, dest=f"analog_{name}", type=parse, default=None, help=f"{owner}.{name}")
+        group.add_argument(*flags, dest=f"analog_{name}", type=parse, default=None, help=text)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ept.config import setting
+
 RESPONSES = ("linear", "soft_bounds", "exp_step")
 
 
@@ -33,28 +35,31 @@ RESPONSES = ("linear", "soft_bounds", "exp_step")
 class DeviceConfig:
     """One device class. ``dw_min_std`` and ``write_noise_std`` are in units of ``dw_min`` (aihwkit)."""
 
-    response: str = "linear"
-    w_min: float = -1.0
-    w_max: float = 1.0
-    dw_min: float = 0.001
-    up_down: float = 0.0  # > 0: down steps are (1 - up_down)·dw_min; < 0: up steps shrink instead
-    dw_min_dtod: float = 0.0
-    up_down_dtod: float = 0.0
-    w_min_dtod: float = 0.0
-    w_max_dtod: float = 0.0
-    dw_min_std: float = 0.0  # cycle-to-cycle spread of one step
-    mult_noise: bool = True  # cycle-to-cycle noise scales the state-dependent step (else only dw_min)
-    write_noise_std: float = 0.0
-    gamma_up: float = 0.0  # linear: relative step decrease at the bound (soft_bounds forces 1)
-    gamma_down: float = 0.0
-    gamma_up_dtod: float = 0.0
-    gamma_down_dtod: float = 0.0
-    es_a: float = -0.5  # exp_step shape parameters (aihwkit's a, b, A_up, A_down, gamma_up/down)
-    es_b: float = -0.5
-    es_A_up: float = -1.18445
-    es_A_down: float = -0.081404
-    es_gamma_up: float = 5.0
-    es_gamma_down: float = 5.0
+    response: str = setting("linear", 'device response: linear, soft_bounds or exp_step')
+    w_min: float = setting(-1.0, 'lower conductance bound (weight units)')
+    w_max: float = setting(1.0, 'upper conductance bound (weight units)')
+    dw_min: float = setting(0.001, 'nominal weight step of one pulse')
+    up_down: float = setting(0.0,
+                             'up/down asymmetry: > 0 shrinks down steps, < 0 up steps')
+    dw_min_dtod: float = setting(0.0, 'device-to-device spread of dw_min (relative)')
+    up_down_dtod: float = setting(0.0, 'device-to-device spread of up_down')
+    w_min_dtod: float = setting(0.0, 'device-to-device spread of w_min (relative)')
+    w_max_dtod: float = setting(0.0, 'device-to-device spread of w_max (relative)')
+    dw_min_std: float = setting(0.0, 'cycle-to-cycle spread of one step, in units of dw_min')
+    mult_noise: bool = setting(True,
+                               'cycle-to-cycle noise scales the state-dependent step (else only dw_min)')
+    write_noise_std: float = setting(0.0, 'write noise std, in units of dw_min')
+    gamma_up: float = setting(0.0,
+                              'linear response: up-step decrease at the bound (soft_bounds: 1)')
+    gamma_down: float = setting(0.0, 'linear response: relative down-step decrease at the bound')
+    gamma_up_dtod: float = setting(0.0, 'device-to-device spread of gamma_up')
+    gamma_down_dtod: float = setting(0.0, 'device-to-device spread of gamma_down')
+    es_a: float = setting(-0.5, "exp_step shape a (aihwkit's)")
+    es_b: float = setting(-0.5, "exp_step shape b (aihwkit's)")
+    es_A_up: float = setting(-1.18445, "exp_step A_up (aihwkit's)")
+    es_A_down: float = setting(-0.081404, "exp_step A_down (aihwkit's)")
+    es_gamma_up: float = setting(5.0, "exp_step gamma_up (aihwkit's)")
+    es_gamma_down: float = setting(5.0, "exp_step gamma_down (aihwkit's)")
 
     def __post_init__(self) -> None:
         if self.response not in RESPONSES:

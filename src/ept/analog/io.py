@@ -25,16 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ept.config import setting
+
 
 @dataclass
 class IOConfig:
     """Converter resolutions (0 = ideal), output range and read noise, aihwkit's units."""
 
-    inp_bits: int = 0  # DAC
-    out_bits: int = 0  # ADC
-    out_bound: float = 0.0  # ADC range ±out_bound (0 = unbounded)
-    out_noise: float = 0.0  # additive output noise std
-    w_noise: float = 0.0  # weight read noise std per read (the seed's --fnoise)
+    inp_bits: int = setting(0, 'DAC resolution in bits (0: ideal)')
+    out_bits: int = setting(0, 'ADC resolution in bits (0: ideal)')
+    out_bound: float = setting(0.0, 'ADC range ±out_bound (0: unbounded)')
+    out_noise: float = setting(0.0, 'additive output noise std')
+    w_noise: float = setting(0.0, "weight read noise std per read (the seed's --fnoise)")
 
     def __post_init__(self) -> None:
         for name in ("inp_bits", "out_bits"):

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ept.config import setting
+
 PULSE_MODES = ("ideal", "threshold", "stochastic", "sign")
 
 
@@ -30,9 +32,10 @@ PULSE_MODES = ("ideal", "threshold", "stochastic", "sign")
 class UpdateConfig:
     """How increments reach the devices, and the weight→conductance map (``omega``)."""
 
-    pulse_mode: str = "threshold"
-    max_pulses: int = 31  # cap per device per step (aihwkit's desired_bl)
-    omega: float = 0.5  # the initial max |weight| of a matrix maps to omega·min(w_max, -w_min)
+    pulse_mode: str = setting("threshold",
+                              'how increments become pulses: ideal, threshold, stochastic or sign')
+    max_pulses: int = setting(31, "pulses per device per step at most (aihwkit's desired_bl)")
+    omega: float = setting(0.5, 'the initial max |weight| of a matrix maps to omega·min(w_max, -w_min)')
 
     def __post_init__(self) -> None:
         if self.pulse_mode not in PULSE_MODES:
