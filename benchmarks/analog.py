@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ept.analog import PRESETS, analog_config
-from ept.analog.bench import step_time_ratio, train_run
+from ept.bench.analog import step_time_ratio, train_run
 from ept.config import EPConfig, EPTConfig, SolverConfig
 from ept.data import get_batch, load_corpus, prepare
 

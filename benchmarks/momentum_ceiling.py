@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 import ept
+from ept.bench.fevals import ept_fevals, row_evals
 from ept.cli import UsageError
 from ept.cli.fingerprint import load_run
+from ept.data import builtin_tokens, fixed_batch
 from ept.diagnostics import dense_jacobian
 from ept.diagnostics.plots import plot_spectrum
 from ept.solvers.momentum import MOM_HI, contraction
-from ept.speed import fixed_batch, load_tokens
-from ept.speed_fevals import ept_fevals, row_evals
 
 LO_GRID = np.arange(-1.0, 0.201, 0.05)
 HI_GRID = np.arange(0.50, 0.996, 0.005)
@@ -61,7 +61,7 @@ def fevals_share(rho_plain: float, rho: float) -> float | None:
 def ceiling(run: str, batch: int, seq: int, eps: float, mom_lo: float, tol: float) -> tuple[dict, np.ndarray]:
     """The figures of one sequence, and its relaxation map's eigenvalues."""
     _, model = load_run(run)
-    tokens = load_tokens(model.cfg.vocab_size)
+    tokens = builtin_tokens(model.cfg.vocab_size)
     idx = fixed_batch(tokens.train, 8, model.cfg.T, seed=1234 + batch)[0][seq : seq + 1]
     x = model.inject(idx).detach()
 

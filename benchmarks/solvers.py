@@ -8,7 +8,7 @@ This is how the README's "over N trained tiny operators" solver figures were tak
 with ``ept train --seed S --out DIR``, then sweep. Per run, the same ``--batches`` fixed training
 batches as ``ept bench speed`` (B=8 sequences of the run's context length). Only the sequences plain
 iteration settles within ``--max_evals`` count (the others have no attractor within reach, see
-``ept.speed_fevals.settled_rows``); a variant that misses one is charged ``--max_evals`` there.
+``ept.bench.fevals.settled_rows``); a variant that misses one is charged ``--max_evals`` there.
 
 Two ratios over all runs, each variant's total over plain iteration's:
 - ``batch``: per batch, the F-evals until its slowest counted sequence is done (a batched solve's cost);
@@ -29,11 +29,11 @@ from typing import Any
 
 import torch
 
+from ept.bench.fevals import ept_fevals, row_evals
+from ept.bench.report import field_of
 from ept.cli import UsageError
 from ept.cli.fingerprint import load_run
-from ept.speed import fixed_batch, load_tokens
-from ept.speed_bench import field_of
-from ept.speed_fevals import ept_fevals, row_evals
+from ept.data import builtin_tokens, fixed_batch
 
 DEFAULT_VARIANTS = {"anderson": {"method": "anderson"}, "broyden": {"method": "broyden"},
                     "momentum": {"method": "momentum"}}
@@ -79,7 +79,7 @@ def sweep(runs: list[str], variants: dict[str, dict[str, Any]], batches: int, to
         _, model = load_run(run)
         vocab, T = model.cfg.vocab_size, model.cfg.T
         if vocab not in tokens:
-            tokens[vocab] = load_tokens(vocab)
+            tokens[vocab] = builtin_tokens(vocab)
         line = {"batch": dict.fromkeys(names, 0), "no_attractor": 0}
         for b in range(batches):
             idx = fixed_batch(tokens[vocab].train, 8, T, seed=1234 + b)[0]

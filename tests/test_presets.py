@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from ept.data import builtin_tokens, fixed_batch
 from ept.grad.ep import ep_gradient
 from ept.model import EquilibriumLM
 from ept.presets import PRESETS, resolve
-from ept.speed import fixed_batch, load_tokens
 
 # c512 is the seed's GPU-scale recipe: one sequence on CPU (its first EP step takes ~25 s there).
 CPU_FLAGS = {"c512": {"B": 1}}
@@ -21,7 +21,7 @@ def test_the_first_ep_step_of_every_preset_keeps_its_sequences(preset):
     cfg = resolve(preset, CPU_FLAGS.get(preset, {}))
     torch.manual_seed(cfg.train.seed)
     model = EquilibriumLM(cfg.model)
-    idx, targets = fixed_batch(load_tokens(cfg.model.vocab_size).train, cfg.train.B, cfg.model.T, seed=0)
+    idx, targets = fixed_batch(builtin_tokens(cfg.model.vocab_size).train, cfg.train.B, cfg.model.T, seed=0)
     _, stats = ep_gradient(model, idx, targets, cfg.solver, cfg.ep)
     assert not stats["free_diverged"] and not stats["nudged_diverged"]
     assert stats["dropped_seqs"] <= cfg.train.B // 4, (preset, stats["dropped_seqs"])

@@ -5,10 +5,11 @@ import torch
 from conftest import batch, small_model
 
 import ept
-from ept import speed_fevals as fe
+from ept.bench import fevals as fe
+from ept.bench.timing import measure_peak, peak_in_subprocess
 from ept.cli import main
+from ept.diagnostics.equilibria import equilibrium_gap
 from ept.solvers import residual_per_seq
-from ept.speed import measure_peak, peak_in_subprocess
 
 
 def linear_problem(n: int = 20, rows: int = 3, seed: int = 0):
@@ -55,9 +56,9 @@ def test_equilibrium_gap_tells_two_fixed_points_apart():
 
     ends = [fe.ept_fevals(f, torch.full((2, 3), v, dtype=torch.float64), "fixed_point", 1e-8, 500).z
             for v in (0.5, -0.5, 0.9)]
-    assert fe.equilibrium_gap(ends[1], ends[0]) == pytest.approx(2.0, abs=1e-6)
-    assert fe.equilibrium_gap(ends[2], ends[0]) < 1e-7
-    assert fe.equilibrium_gap(None, ends[0]) is None
+    assert equilibrium_gap(ends[1], ends[0]) == pytest.approx(2.0, abs=1e-6)
+    assert equilibrium_gap(ends[2], ends[0]) < 1e-7
+    assert equilibrium_gap(None, ends[0]) is None
     row = fe.compare_solvers(f, torch.full((2, 3), 0.5, dtype=torch.float64), 1e-8, 500, peer=False)
     assert row["eq_gap"] < 1e-6
 
@@ -169,9 +170,9 @@ def test_an_operator_the_bench_training_blew_up_is_refused_and_never_cached(tmp_
     class Tokens:
         vocab_size, train, key = 50, tokens, "k"
 
-    from ept import speed_bench
+    from ept.bench import report
 
-    monkeypatch.setattr(speed_bench, "load_tokens", lambda vocab: Tokens)
+    monkeypatch.setattr(report, "builtin_tokens", lambda vocab: Tokens)
     monkeypatch.setattr(fe, "trained_model", blown_up)
     assert main(["bench", "speed", "--preset", "small"]) == 2
     err = capsys.readouterr().err.strip()
@@ -210,19 +211,19 @@ def test_quality_run_folders_are_complete_runs(tmp_path):
 
 
 def test_peer_comparison_takes_each_librarys_best_solver_plain_iteration_included():
-    from ept.speed_bench import _best, _vs_peer
+    from ept.bench.report import best_fevals, vs_peer
 
     row = {"ept_fixed_point": 58, "ept_anderson": 118, "ept_broyden": None, "torchdeq_fixed_point_iter": 58,
            "torchdeq_anderson": None, "torchdeq_broyden": 106, "eq_gap": 0.1}
-    assert _best(row, "ept_") == 58 and _best(row, "torchdeq_") == 58
-    assert _vs_peer(_best(row, "ept_"), _best(row, "torchdeq_")) == 1.0
-    assert _vs_peer(None, 5) == float("inf") and _vs_peer(None, None) is None
+    assert best_fevals(row, "ept_") == 58 and best_fevals(row, "torchdeq_") == 58
+    assert vs_peer(best_fevals(row, "ept_"), best_fevals(row, "torchdeq_")) == 1.0
+    assert vs_peer(None, 5) == float("inf") and vs_peer(None, None) is None
 
 
 def test_peer_target_is_judged_on_the_sum_over_fields_and_the_worst_field_is_reported():
     """One row where ept's best took twice TorchDEQ's, others where it took fewer: the sum decides,
     a row only one library solved is charged the cap for the other, a row neither solved is left out."""
-    from ept.speed_bench import peer_ratios
+    from ept.bench.report import peer_ratios
 
     def row(ept: int | None, peer: int | None) -> dict:
         return {"ept_fixed_point": None, "ept_anderson": ept, "ept_broyden": None,
@@ -241,9 +242,9 @@ def test_each_field_is_solved_from_z0_and_from_starts_a_rounding_error_away(monk
     """Start 0 is z = 0 itself; start k is 1e-6 away, the same on every call (a seeded draw), and the
     table gets a row per field and start. An operator trained with embeddings at 1.0 also gets the
     random fields at the library's default embedding scale (the hard ones)."""
+    from ept.bench.report import START_NOISE, solver_fields, solver_table, start_point
+    from ept.bench.timing import SpeedConfig
     from ept.model import EPTConfig, EquilibriumLM
-    from ept.speed import SpeedConfig
-    from ept.speed_bench import START_NOISE, solver_fields, solver_table, start_point
 
     z0 = torch.zeros(2, 3, 4)
     assert start_point(z0, 0) is z0
@@ -269,7 +270,7 @@ def test_each_field_is_solved_from_z0_and_from_starts_a_rounding_error_away(monk
 def test_an_equilibrium_plain_iteration_leaves_is_told_from_an_attractor():
     """F(z) = z - z³ per row: 0 is a saddle (F' = 1), ±1 attract (F' = -2). A solver's answer sits a
     residual away from the point itself; from the saddle plain iteration flows off to ±1."""
-    from ept.speed_fevals import leaves_equilibrium
+    from ept.diagnostics.equilibria import leaves_equilibrium
 
     z_star = torch.tensor([[1e-6, -1e-6], [1.0 + 1e-6, 1.0]], dtype=torch.float64)
     moved = leaves_equilibrium(lambda z: z - z**3, z_star, eps=0.5)
@@ -323,7 +324,7 @@ def test_compare_solvers_reuses_a_plain_count_already_taken():
 
 
 def test_row_ratio_sums_each_sequences_count_and_caps_misses():
-    from ept.speed_bench import trained_ratio, trained_row_ratio
+    from ept.bench.report import trained_ratio, trained_row_ratio
 
     table = {"trained b0": {"ept_anderson": 30, "ept_fixed_point": 90,
                             "rows_ept_anderson": [10, 30], "rows_ept_fixed_point": [80, 90]},
@@ -343,12 +344,12 @@ def test_row_ratio_sums_each_sequences_count_and_caps_misses():
 @pytest.mark.parametrize("argv, weights", [([], "ema"), (["--raw"], "model"),
                                            (["--weights", "model"], "model")])
 def test_bench_raw_flag_is_spelt_as_in_eval_and_generate(argv, weights, monkeypatch, capsys):
-    import ept.speed_bench
+    import ept.bench.report
 
     def fake_run_speed(cfg, log, compile_field, ckpt, weights):
         raise ValueError(f"reached run_speed with weights={weights}")
 
-    monkeypatch.setattr(ept.speed_bench, "run_speed", fake_run_speed)
+    monkeypatch.setattr(ept.bench.report, "run_speed", fake_run_speed)
     assert main(["bench", "speed", "--ckpt", "some/run", *argv]) == 2
     assert f"weights={weights}" in capsys.readouterr().err
     assert main(["bench", "speed", "--raw", "--weights", "ema"]) == 2
@@ -378,7 +379,7 @@ def test_solver_sweep_counts_only_the_sequences_plain_iteration_settles():
 def test_the_bench_cosine_is_void_where_the_oracle_refined_z_star_away(monkeypatch):
     """cos(EP, implicit) is taken at EP's own equilibrium: a batch whose oracle refinement moved z*
     by more than the allowed distance is another point's gradient, so it has no cosine and is counted."""
-    import ept.speed as sp
+    import ept.bench.timing as sp
 
     model = small_model().float()
     ep = {"hr": 0.003, "polish_res": 1e-6, "drop_res": 1e-5, "t2_tol": 1e-4, "t2sel": 60}

@@ -324,6 +324,16 @@ def get_batch(
     return win[:, :-1].contiguous(), win[:, 1:].contiguous()
 
 
+def builtin_tokens(vocab_size: int) -> TokenData:
+    """The embedded corpus tokenized at ``vocab_size`` (cached): what benchmarks and tests train on."""
+    return prepare(load_corpus(None), vocab_size)
+
+
+def fixed_batch(tokens: np.ndarray, B: int, T: int, seed: int = 1234) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same B windows on every call with the same seed (benchmarks compare routes on them)."""
+    return get_batch(tokens, B, T, torch.Generator().manual_seed(seed))
+
+
 def eval_windows(tokens: np.ndarray, T: int, B: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Non-overlapping windows over the whole split; every token but the first is a target once.
 

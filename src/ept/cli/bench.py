@@ -135,15 +135,15 @@ def _add_speed(parts: argparse._SubParsersAction) -> None:
 
 
 def run_speed_part(args: argparse.Namespace) -> int:
-    from ept.speed import SpeedConfig, parse_set
-    from ept.speed_bench import format_table, json_line, run_speed
+    from ept.bench.report import format_table, json_line, run_speed
+    from ept.bench.timing import SpeedConfig, parse_set
 
     if args.preset not in PRESETS:
         raise UsageError(f"--preset {args.preset!r} is unknown: choose one of {', '.join(PRESETS)}")
     for name in ("repeats", "T1", "train_steps", "starts"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name} must be a positive integer, got {getattr(args, name)}")
-    from ept.speed import preset_setup
+    from ept.bench.timing import preset_setup
 
     if args.raw and args.weights == "ema":
         raise UsageError("--raw and --weights ema contradict each other: give one of them")

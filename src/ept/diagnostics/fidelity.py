@@ -22,7 +22,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "head": ("head.",),
 }
 
-_SOLVER_NAMES = {f.name for f in dataclasses.fields(SolverConfig)} | {"solver"}
+SOLVER_FIELDS = {f.name for f in dataclasses.fields(SolverConfig)} | {"solver"}
 
 
 def group_of(name: str) -> str:
@@ -67,7 +67,7 @@ def reference_options(
     reach (a float32 model never meets 1e-10, and GMRES would then run to its iteration cap).
     BPTT unrolls the seed's plain iteration for T1 steps (t1max when T1 is unset), same step ε.
     """
-    solver = {k: v for k, v in grad_opts.items() if k in _SOLVER_NAMES}
+    solver = {k: v for k, v in grad_opts.items() if k in SOLVER_FIELDS}
     defaults = SolverConfig()
     T1 = solver.get("T1") or solver.get("t1max", defaults.t1max)
     adj_tol = 1e-10 if dtype == torch.float64 else 1e-5

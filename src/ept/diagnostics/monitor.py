@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ept.config import SolverConfig
-from ept.diagnostics.fidelity import _SOLVER_NAMES, fidelity_report
+from ept.diagnostics.fidelity import SOLVER_FIELDS, fidelity_report
 from ept.diagnostics.operators import (
     DENSE_MAX,
     ftle,
@@ -197,7 +197,7 @@ def fingerprint(
     """
     grad_opts = dict(grad_opts or {})
     solver = SolverConfig(**{("method" if k == "solver" else k): v for k, v in grad_opts.items()
-                             if k in _SOLVER_NAMES})
+                             if k in SOLVER_FIELDS})
     out: dict[str, float] = {}
     losses, weights = [], []
     for i, (idx, targets) in enumerate(batches):

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 import ept
+from ept.diagnostics.equilibria import equilibrium_gap, leaves_equilibrium
 from ept.model import EquilibriumLM
 from ept.solvers import residual_per_seq
 
@@ -123,30 +124,6 @@ def settled_rows(plain: FevalCounter) -> Tensor:
     the residual there, at a saddle the dynamics never rests at, so "F-evals to the same residual"
     is not defined for them (EP leaves them out of its gradient, by ``drop_res``)."""
     return torch.tensor([h is not None for h in row_evals(plain)], dtype=torch.bool)
-
-
-def row_gap(a: Tensor, b: Tensor) -> Tensor:
-    """||a - b|| / ||b|| per row (sequence)."""
-    num = torch.linalg.vector_norm((a - b).flatten(1), dim=1)
-    return num / torch.linalg.vector_norm(b.flatten(1), dim=1).clamp_min(1e-30)
-
-
-def equilibrium_gap(a: Tensor | None, b: Tensor | None) -> float | None:
-    """Worst sequence's ||a - b|| / ||b||: two solves that met the residual at different equilibria
-    (a trained block can have several) differ by O(1), two at the same one by O(tol)."""
-    if a is None or b is None:
-        return None
-    return row_gap(a, b).max().item()
-
-
-def leaves_equilibrium(field: Callable[[Tensor], Tensor], z_star: Tensor, eps: float,
-                       max_iter: int = 400) -> Tensor:
-    """Per row, ||z_plain - z*|| / ||z*||, where z_plain is where plain iteration from z* settles
-    (to a residual of 1e-5): ~0 at an attractor, O(0.01-0.1) where z* is a saddle that a secant
-    solver found but the physical dynamics would flow away from."""
-    with torch.no_grad():
-        z, _ = ept.solve(field, z_star, method="fixed_point", tol=1e-5, max_iter=max_iter, eps=eps)
-    return row_gap(z, z_star)
 
 
 def compare_solvers(field_fn: Field, z0: Tensor, tol: float, max_evals: int, peer: bool = True,

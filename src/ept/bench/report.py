@@ -1,4 +1,5 @@
-"""The speed benchmark's run and report: every measurement of :mod:`ept.speed` at one preset, as ratios.
+"""The speed benchmark's run and report: every measurement of :mod:`ept.bench.timing` at one preset,
+as ratios.
 
     summary = run_speed(SpeedConfig(preset="tiny"))
     print(format_table(summary)); print(json.dumps(json_line(summary)))
@@ -16,27 +17,26 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ept import speed_fevals as fe
-from ept.analog.bench import step_time_ratio
-from ept.model import EquilibriumLM
-from ept.speed import (
+from ept.bench import fevals as fe
+from ept.bench.analog import step_time_ratio
+from ept.bench.timing import (
     ROUTES,
     SpeedConfig,
     cos_ep_implicit,
     ep_anatomy,
-    fixed_batch,
-    load_tokens,
     peak_in_subprocess,
     preset_setup,
     time_routes,
 )
+from ept.data import builtin_tokens, fixed_batch
+from ept.model import EquilibriumLM
 
 # The issue's targets, each as (key, bound, "<=" or ">=").
 TARGETS = (
     ("ep_over_bptt_time", 0.7, "<="),
     ("ep_over_bptt_mem", 0.2, "<="),
     # The issue names Anderson; on trained tiny operators the accelerated solver that meets 1/3 is the
-    # heavy ball (ept.solvers.momentum._Momentum, chosen on 13 operators with benchmarks/solvers.py), so the
+    # heavy ball (ept.solvers.momentum.HeavyBall, docs/experiments/heavy_ball.md), so the
     # target is judged on it and Anderson's ratio is reported beside it.
     ("momentum_over_plain_fevals", 1 / 3, "<="),
     ("cos_ep_implicit", 0.99, ">="),
@@ -48,7 +48,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None or b == 0 else a / b
 
 
-def _vs_peer(ours: int | None, peer: int | None) -> float | None:
+def vs_peer(ours: int | None, peer: int | None) -> float | None:
     """ours/peer F-evals; inf where only the peer reached the residual, None where neither did."""
     if ours is None:
         return None if peer is None else float("inf")
@@ -145,18 +145,19 @@ def peer_ratios(table: dict[str, dict[str, Any]], cap: int) -> dict[str, float |
     single row's count is one draw of a chaotic quantity (see SpeedConfig.starts), so the target is
     judged on the sum; ``..._worst_field`` is the largest single-row ratio, reported beside it.
     """
-    solved = [r for r in table.values() if _best(r, "ept_") is not None or _best(r, "torchdeq_") is not None]
+    solved = [r for r in table.values()
+              if best_fevals(r, "ept_") is not None or best_fevals(r, "torchdeq_") is not None]
     if not solved:
         return {"ept_over_torchdeq_fevals": None, "ept_anderson_over_torchdeq_fevals": None,
                 "ept_over_torchdeq_fevals_worst_field": None}
-    peer = sum(_best(r, "torchdeq_") or cap for r in solved)
-    worst = [_vs_peer(_best(r, "ept_"), _best(r, "torchdeq_")) for r in solved]
-    return {"ept_over_torchdeq_fevals": _ratio(sum(_best(r, "ept_") or cap for r in solved), peer),
+    peer = sum(best_fevals(r, "torchdeq_") or cap for r in solved)
+    worst = [vs_peer(best_fevals(r, "ept_"), best_fevals(r, "torchdeq_")) for r in solved]
+    return {"ept_over_torchdeq_fevals": _ratio(sum(best_fevals(r, "ept_") or cap for r in solved), peer),
             "ept_anderson_over_torchdeq_fevals": _ratio(sum(r["ept_anderson"] or cap for r in solved), peer),
             "ept_over_torchdeq_fevals_worst_field": max((w for w in worst if w is not None), default=None)}
 
 
-def _best(row: dict[str, Any], prefix: str) -> int | None:
+def best_fevals(row: dict[str, Any], prefix: str) -> int | None:
     """The fewest F-evals of any of one library's solvers (plain iteration included) on a field."""
     vals = [v for k, v in row.items() if k.startswith(prefix) and v is not None]
     return min(vals) if vals else None
@@ -192,7 +193,7 @@ def run_speed(cfg: SpeedConfig, log: Callable[[str], None] = print, compile_fiel
     # flushing them, EP's time ratio would flatter EP by the CPU's subnormal penalty.
     torch.set_flush_denormal(True)
     setup = preset_setup(cfg.preset, cfg.ep_set)
-    data = load_tokens(setup["model"].vocab_size)
+    data = builtin_tokens(setup["model"].vocab_size)
     model_cfg = dataclasses.replace(setup["model"], vocab_size=data.vocab_size)
     try:
         model, weights_file = fe.trained_model(model_cfg, data.train, data.key, setup["B"], cfg.train_steps,

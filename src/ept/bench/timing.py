@@ -3,7 +3,7 @@
     step time     EP (ept.gradient route="ep"), BPTT (route="bptt", T1 fixed), BP (the explicit
                   same-parameter transformer), each followed by the same optimizer-free update,
                   timed round-robin so that load from other processes hits every route alike
-    peak memory   each route in its own subprocess (``python -m ept.speed ROUTE``): CUDA max-allocated,
+    peak memory   each route in its own subprocess (``python -m ept.bench.timing ROUTE``): CUDA max-allocated,
                   or on CPU the peak-RSS rise over the warmed-up baseline (VmHWM after clear_refs)
     free phase    F-evaluations to a true residual, plain iteration vs Anderson (vs TorchDEQ)
     EP anatomy    the nudged-phase share of an EP step, and cos(EP, implicit) at these shapes
@@ -33,9 +33,10 @@ from torch import Tensor
 
 import ept
 from ept.baseline import bp_gradient
+from ept.data import builtin_tokens, fixed_batch
+from ept.diagnostics.equilibria import equilibrium_gap, leaves_equilibrium
 from ept.model import EquilibriumLM
 from ept.solvers import RowwiseField, residual_per_seq
-from ept.speed_fevals import equilibrium_gap, leaves_equilibrium
 
 ROUTES = ("ep", "bptt", "bp")
 
@@ -90,18 +91,6 @@ def preset_setup(preset: str, ep_set: dict[str, Any] | None = None) -> dict[str,
     split_options("ep", ep_opts)  # a misspelt or bad --set fails here, before any work
     return {"model": cfg.model, "B": cfg.train.B, "ep": ep_opts, "layers": cfg.train.layers,
             "eps": cfg.solver.eps}
-
-
-def load_tokens(vocab: int) -> Any:
-    from ept.data import load_corpus, prepare
-
-    return prepare(load_corpus(None), vocab)
-
-
-def fixed_batch(tokens: Any, B: int, T: int, seed: int = 1234) -> tuple[Tensor, Tensor]:
-    from ept.data import get_batch
-
-    return get_batch(tokens, B, T, torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------------------- one step per route
@@ -311,7 +300,7 @@ def child_env() -> dict[str, str]:
 def peak_in_subprocess(route: str, preset: str, weights: Path | None, T1: int, threads: int = 0,
                        ep_set: dict[str, Any] | None = None, timeout: float = 1800) -> int:
     """Run one route's step in a fresh interpreter and return its peak memory in bytes."""
-    cmd = [sys.executable, "-m", "ept.speed", route, "--preset", preset, "--T1", str(T1),
+    cmd = [sys.executable, "-m", "ept.bench.timing", route, "--preset", preset, "--T1", str(T1),
            "--threads", str(threads), "--ep_json", json.dumps(ep_set or {})]
     if weights is not None:
         cmd += ["--weights", str(weights)]
@@ -322,7 +311,8 @@ def peak_in_subprocess(route: str, preset: str, weights: Path | None, T1: int, t
 
 
 def _child(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m ept.speed", description="peak memory of one route's step")
+    p = argparse.ArgumentParser(prog="python -m ept.bench.timing",
+                                description="peak memory of one route's step")
     p.add_argument("route", choices=ROUTES)
     p.add_argument("--preset", default="tiny")
     p.add_argument("--weights", default=None)
@@ -333,7 +323,7 @@ def _child(argv: list[str]) -> int:
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     setup = preset_setup(a.preset, json.loads(a.ep_json))
-    data = load_tokens(setup["model"].vocab_size)
+    data = builtin_tokens(setup["model"].vocab_size)
     model_cfg = dataclasses.replace(setup["model"], vocab_size=data.vocab_size)
     torch.manual_seed(0)
     model = EquilibriumLM(model_cfg)
