@@ -33,6 +33,11 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor
 
+from ept.config import RunConfig
+from ept.model import EquilibriumLM
+
+CONFIG_FILE = "config.json"  # the run's resolved config (RunConfig.to_dict)
+TOKENIZER_FILE = "tokenizer.json"
 LATEST = "latest.json"
 BEST = "best"
 MANIFEST = "manifest.json"
@@ -230,7 +235,7 @@ def run_folder_of(ckpt_dir: Path) -> Path:
     """The run folder (config.json, tokenizer.json) a checkpoint folder belongs to: its parent, or
     the parent's parent for a checkpoint inside the run's ``best/``."""
     parent = ckpt_dir.parent
-    return parent.parent if parent.name == BEST and not (parent / "config.json").is_file() else parent
+    return parent.parent if parent.name == BEST and not (parent / CONFIG_FILE).is_file() else parent
 
 
 def best_pointer(run_dir: str | Path) -> dict[str, Any] | None:
@@ -303,3 +308,38 @@ def load_weights_into(model: torch.nn.Module, weights: dict[str, Tensor], where:
             "--C/--H/--T/--vocab_size as the run that wrote it, or start a fresh run"
         )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
+
+
+# ------------------------------------------------------------------------------------ a trained model
+
+
+@dataclass
+class TrainedModel:
+    """A run's model with the weights evaluation uses (the EMA's when the run kept one)."""
+
+    cfg: RunConfig
+    model: EquilibriumLM  # in eval mode
+    ckpt: Path  # the checkpoint folder it came from
+    step: int
+    weights: str  # "ema" or "model"
+
+
+def load_trained(path: str | Path, raw: bool = False) -> TrainedModel:
+    """A run folder (its latest checkpoint) or one of its checkpoint folders (``ckpt-*``, ``best/``)
+    -> its model and config; ``raw``: the last iterate instead of the EMA. CheckpointError names the fix."""
+    ck = load_checkpoint(path, only=("model", "ema"))
+    folders = (Path(path), run_folder_of(ck.path))
+    config = next((p / CONFIG_FILE for p in folders if (p / CONFIG_FILE).is_file()), None)
+    if config is None:
+        raise CheckpointError(f"'{path}' has no {CONFIG_FILE}: give a run folder written by "
+                              "'ept train --out'")
+    try:
+        cfg = RunConfig.from_dict(json.loads(config.read_text()))
+        step = json.loads((ck.path / MANIFEST).read_text())["step"]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"'{config}' is unreadable or not an ept config ({e}): restore it from the "
+                              "run's source, or retrain") from None
+    which, weights = ck.eval_weights(raw)
+    model = EquilibriumLM(cfg.model)
+    load_weights_into(model, weights, str(ck.path))
+    return TrainedModel(cfg, model.eval(), ck.path, step, which)

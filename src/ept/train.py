@@ -26,6 +26,7 @@ from ept import checkpoint as ckpt
 from ept.analog import AnalogConfig, SimulatedSubstrate, WriteLedger, project, run_summary
 from ept.analog.session import AnalogSession
 from ept.baseline import bp_gradient
+from ept.checkpoint import CONFIG_FILE, TOKENIZER_FILE
 from ept.config import MODES as MODES  # re-exported: the routes a run trains with
 from ept.config import ControlConfig, RunConfig, TrainConfig
 from ept.data import TokenData, get_batch, save_tokenizer
@@ -37,7 +38,6 @@ from ept.plots import plot_curves
 from ept.runlog import METRICS_FILE as METRICS_FILE  # the run folder's name for it, read by callers
 from ept.runlog import MetricsLog, contraction_watch, progress_line, warn, window_record
 
-CONFIG_FILE, TOKENIZER_FILE = "config.json", "tokenizer.json"
 CURVES_FILE, SAMPLE_FILE = "curves.png", "sample.txt"
 
 

@@ -15,9 +15,7 @@ from ept import checkpoint as ckpt
 from ept.cli import UsageError
 from ept.data import EOT, DataError, TokenData, load_tokenizer
 from ept.evaluate import Predictor, mean_ce
-from ept.model import EquilibriumLM
 from ept.presets import RunConfig
-from ept.train import CONFIG_FILE, TOKENIZER_FILE
 
 
 @dataclass
@@ -39,36 +37,24 @@ def best_folder(path: str | Path) -> Path:
 
 
 def load_run(path: str | Path, raw: bool = False, best: bool = False) -> LoadedRun:
-    """A trained run, ready to evaluate or sample (``best``: its best-val checkpoint). Bad folders
-    raise UsageError."""
-    p = best_folder(path) if best else Path(path)
+    """A trained run, ready to evaluate or sample (``best``: its best-val checkpoint), with its own
+    tokenizer. Bad folders raise UsageError."""
     try:
-        ck = ckpt.load_checkpoint(p, only=("model", "ema"))
+        trained = ckpt.load_trained(best_folder(path) if best else path, raw=raw)
     except ckpt.CheckpointError as e:
         raise UsageError(str(e)) from None
-    run = ckpt.run_folder_of(ck.path)
+    cfg, run = trained.cfg, ckpt.run_folder_of(trained.ckpt)
     try:
-        cfg = RunConfig.from_dict(json.loads((run / CONFIG_FILE).read_text()))
-        tok = load_tokenizer(run / TOKENIZER_FILE)
-    except (OSError, ValueError, TypeError) as e:
-        raise UsageError(
-            f"run folder '{run}' lacks a readable {CONFIG_FILE} or {TOKENIZER_FILE} ({e}): give the --out "
-            "folder of an 'ept train' run"
-        ) from None
+        tok = load_tokenizer(run / ckpt.TOKENIZER_FILE)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"run folder '{run}' lacks a readable {ckpt.TOKENIZER_FILE} ({e}): give the --out "
+                         "folder of an 'ept train' run") from None
     if tok.get_vocab_size() != cfg.model.vocab_size:
-        raise UsageError(f"'{run / TOKENIZER_FILE}' has {tok.get_vocab_size()} tokens but the model "
+        raise UsageError(f"'{run / ckpt.TOKENIZER_FILE}' has {tok.get_vocab_size()} tokens but the model "
                          f"{cfg.model.vocab_size}: the folder mixes two runs; restore its tokenizer.json")
-    which, weights = ck.eval_weights(raw)
-    model = EquilibriumLM(cfg.model)
-    try:
-        ckpt.load_weights_into(model, weights, str(ck.path))
-    except ckpt.CheckpointError as e:
-        raise UsageError(str(e)) from None
-    model.eval()
     empty = np.zeros(0, dtype=np.int64)
     tokens = TokenData(tok, empty, empty, tok.get_vocab_size(), tok.token_to_id(EOT), cfg.data.key)
-    step = json.loads((ck.path / ckpt.MANIFEST).read_text())["step"]
-    return LoadedRun(cfg, tokens, Predictor.for_run(model, cfg), step, which)
+    return LoadedRun(cfg, tokens, Predictor.for_run(trained.model, cfg), trained.step, trained.weights)
 
 
 def read_text_file(path: str) -> str:

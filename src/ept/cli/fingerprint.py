@@ -10,39 +10,27 @@ import argparse
 import itertools
 import json
 import math
-from pathlib import Path
 from typing import Any
 
+from ept.checkpoint import CheckpointError, load_trained
 from ept.cli import UsageError
+from ept.config import RunConfig
 from ept.model import EquilibriumLM
 
 FINGERPRINT_KEYS = ("residual", "cos_ep_implicit", "cos_ep_bptt", "numerical_abscissa", "spectral_abscissa",
                     "nonnormality", "rho_SinvA", "ftle", "val_ce")
 
 
-def load_run(path: str) -> tuple[Any, EquilibriumLM]:
+def load_run(path: str) -> tuple[RunConfig, EquilibriumLM]:
     """(RunConfig, model with the weights evaluation uses: the EMA's when the run kept one).
 
     ``path`` is a run folder (its latest checkpoint) or one of its ckpt-* folders.
     """
-    from ept import checkpoint as ck
-    from ept.presets import RunConfig
-
     try:
-        ckpt_dir = ck.resolve_checkpoint(path)
-        folders = (Path(path), ck.run_folder_of(ckpt_dir))
-        config = next((p / "config.json" for p in folders if (p / "config.json").is_file()), None)
-        if config is None:
-            raise UsageError(f"'{path}' has no config.json: give a run folder written by 'ept train --out'")
-        cfg = RunConfig.from_dict(json.loads(config.read_text()))
-        loaded = ck.load_checkpoint(ckpt_dir, only=("ema", "model"))
-        _, weights = loaded.eval_weights()
-        model = EquilibriumLM(cfg.model)
-        ck.load_weights_into(model, weights, str(ckpt_dir))
-    except (ck.CheckpointError, ValueError, KeyError) as err:
+        trained = load_trained(path)
+    except (CheckpointError, ValueError, KeyError) as err:
         raise UsageError(str(err).splitlines()[0] if str(err) else f"cannot load '{path}'") from None
-    model.eval()
-    return cfg, model
+    return trained.cfg, trained.model
 
 
 def valid_batches(cfg: Any, B: int, n: int) -> list:

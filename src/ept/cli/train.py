@@ -21,11 +21,12 @@ from ept.analog import AnalogConfig
 from ept.analog.cli_args import add_arguments as add_analog_arguments
 from ept.analog.cli_args import config_from_args as analog_config_from_args
 from ept.analog.cli_args import overrides_from_args as analog_overrides_from_args
+from ept.checkpoint import CONFIG_FILE
 from ept.cli import UsageError
 from ept.config import SECTIONS, RunConfig, section_flags
 from ept.data import DataError, TokenData, load_corpus, prepare
 from ept.presets import PRESETS, SEED_FLAGS, resolve
-from ept.train import CONFIG_FILE, TrainingDiverged, train, write_run_files
+from ept.train import TrainingDiverged, train, write_run_files
 
 RUN_FLAGS = ("out", "resume", "ckpt", "state", "init_ckpt", "stop_after", "json", "preset")
 RESUMABLE = ("steps",)  # flags a resumed run may change (extending it); everything else is fixed
