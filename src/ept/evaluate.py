@@ -1,7 +1,7 @@
 """Validation cross-entropy over a whole split, and sampling.
 
-An EP model is evaluated at its fixed point: the free phase (Anderson to ``res_est``) under
-no_grad, then the readout. A ``bptt`` model runs the unroll it was trained through; a ``bp``
+An EP model is evaluated at its fixed point: its own free-phase solver (``--solver``, to ``res_est``)
+under no_grad, then the readout. A ``bptt`` model runs the unroll it was trained through; a ``bp``
 model its explicit forward.
 """
 

@@ -86,8 +86,9 @@ class NudgedField:
     the solver then relaxes only the sequences whose estimate has not settled.
 
     With ``asym="linear"`` the field is F's linearisation at z* instead, G(z) = F(z*) + Jᵀ(z - z*) -
-    β·∂(Σ CE)/∂z: it drops F's remainder F(z) - F(z*) - J(z - z*), which is O(β²) and even in β, so
-    the centred and holomorphic estimates keep their order while a step costs one vjp and the nudge
+    β·∂(Σ CE)/∂z: it drops F's remainder F(z) - F(z*) - J(z - z*), which is O(β²), so the β¹
+    coefficient the estimators extract is unchanged and the centred and holomorphic estimates keep
+    their order, while a step costs one vjp and the nudge
     (~2.5x less than F, J and Jᵀ). The nudged phase is then the relaxation of the linear response
     (the adjoint system, with the loss still nonlinear), not the nonlinear system's own.
     """
