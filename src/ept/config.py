@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 
 C = TypeVar("C")
 
-ATTN_MODES = ("thick",)
+ATTN_MODES = ("thick", "energy", "mono")
+OBJECTIVES = ("lm", "mlm")
 ESTIMATORS = ("onesided", "centred", "holomorphic")
 ASYM = ("none", "fixed", "track", "linear")
 EIG_DIRS = ("sym", "slow")
@@ -65,7 +66,7 @@ def from_options(cls: type[C], options: dict[str, Any], kind: str) -> C:
 
 @dataclass
 class EPTConfig:
-    """The equilibrium block: F(z) = x - (1+c) z + Attn(LN1 z) + FFN(LN2 z)."""
+    """The equilibrium block: F(z) = x - (1+c) z + N(z), N the attention and FFN forces of ``attn_mode``."""
 
     vocab_size: int = setting(512, "BPE vocabulary size (trained on the data)", aliases=("vocab",))
     C: int = setting(64, "width")
@@ -73,7 +74,17 @@ class EPTConfig:
     T: int = setting(64, "context length")
     c: float = setting(1.0, "damping leak: F = x - (1+c) z + ...")
     qknorm: bool = setting(False, "normalise q and k per head")
-    attn_mode: str = setting("thick", "attention block: thick (free attention)", choices=ATTN_MODES)
+    attn_mode: str = setting("thick", "the block: thick (free softmax attention), energy (F = -grad E, "
+                             "Energy-Transformer attention and a Hopfield memory), mono (strongly monotone: "
+                             "one fixed point)", choices=ATTN_MODES)
+    causal: bool = setting(True, "position t's equilibrium depends on tokens <= t only (--no-causal: "
+                           "bidirectional, for --objective mlm)")
+    kappa: float = setting(0.0, "energy mode: F = (1-kappa) F_energy + kappa F_thick on the same weights "
+                           "(0: conservative, 1: thick)")
+    mono_m: float = setting(0.5, "mono mode: the monotonicity margin m, <F(z)-F(y), z-y> <= -m |z-y|^2 "
+                            "(0 < m < 1 + c)")
+    objective: str = setting("lm", "lm: next-token prediction; mlm: predict masked tokens (with "
+                             "--no-causal); the embedding gains a mask token", choices=OBJECTIVES)
     ffn_mult: int = setting(4, "FFN hidden width, in multiples of C")
     ln_f: bool = setting(False, "LayerNorm before the readout")
     bias: bool = setting(True, "biases in the block's linear maps")
@@ -97,6 +108,24 @@ class EPTConfig:
                              f"init_std={self.init_std}, emb_std={self.emb_std}")
         if self.attn_mode not in ATTN_MODES:
             raise ValueError(f"EPTConfig.attn_mode '{self.attn_mode}' is not one of {ATTN_MODES}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"EPTConfig.objective '{self.objective}' is not one of {OBJECTIVES}")
+        if not 0.0 <= self.kappa <= 1.0:
+            raise ValueError(f"kappa={self.kappa} is outside [0, 1]: 0 is the energy block, 1 free attention")
+        if self.kappa and self.attn_mode != "energy":
+            raise ValueError(f"kappa blends the energy block towards free attention: it needs --attn_mode "
+                             f"energy, not {self.attn_mode} (or drop --kappa)")
+        if not 0.0 < self.mono_m < 1.0 + self.c:
+            raise ValueError(f"mono_m={self.mono_m} must lie in (0, 1 + c) = (0, {1.0 + self.c:g}): the "
+                             "margin is what the damping leaves after the forces' Lipschitz budget")
+        if self.qknorm and self.attn_mode != "thick":
+            raise ValueError(f"qknorm is a thick-attention option; attn_mode {self.attn_mode} has its own "
+                             "scale: add --no-qknorm")
+        if self.objective == "mlm" and self.causal:
+            raise ValueError("--objective mlm predicts masked tokens from both sides: add --no-causal")
+        if self.objective == "lm" and not self.causal:
+            raise ValueError("a next-token LM with bidirectional attention sees its own targets: drop "
+                             "--no-causal, or use --objective mlm")
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> EPTConfig:

@@ -83,7 +83,8 @@ class EquilibriumLM(nn.Module):
     def __init__(self, cfg: EPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.C)
+        # An MLM model reads one more input token, the mask (id vocab_size); it never predicts it.
+        self.wte = nn.Embedding(cfg.vocab_size + (cfg.objective == "mlm"), cfg.C)
         self.wpe = nn.Embedding(cfg.T, cfg.C)
         self.ln1 = nn.LayerNorm(cfg.C, eps=cfg.ln_eps)
         self.attn = CausalSelfAttention(cfg)
@@ -133,13 +134,21 @@ class EquilibriumLM(nn.Module):
             z = _layer_norm(self.ln_f, z)
         return _linear(self.head, z)
 
+    @property
+    def mask_id(self) -> int | None:
+        """The input id of the mask token (``objective="mlm"``), else None."""
+        return self.cfg.vocab_size if self.cfg.objective == "mlm" else None
+
     def loss(self, z: Tensor, targets: Tensor) -> Tensor:
-        """Mean next-token cross-entropy; analytic in z, so it also defines the complex nudge."""
+        """Mean cross-entropy over the targets >= 0 (an MLM batch marks unmasked positions -100, as
+        ``F.cross_entropy`` ignores them); analytic in z, so it also defines the complex nudge."""
         logits = self.readout(z)
         if not logits.is_complex():
             return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
-        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        return (analytic.logsumexp(logits) - picked).mean()
+        keep = targets >= 0
+        picked = logits.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+        ce = analytic.logsumexp(logits) - picked
+        return ce.mean() if bool(keep.all()) else (ce * keep).sum() / keep.sum().clamp_min(1)
 
     def free_state(self, idx: Tensor) -> Tensor:
         """The relaxation's starting point z₀ = 0 (a warm start can replace it)."""
