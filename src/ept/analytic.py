@@ -32,10 +32,16 @@ def softmax(s: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
     return e / e.sum(dim=dim, keepdim=True)
 
 
-def logsumexp(s: Tensor, dim: int = -1) -> Tensor:
+def logsumexp(s: Tensor, dim: int = -1, mask: Tensor | None = None) -> Tensor:
+    """log Σ exp(s) along ``dim``, over the entries ``mask`` keeps (each row must keep one)."""
     real = s.real if s.is_complex() else s
+    if mask is not None:
+        real = real.masked_fill(~mask, float("-inf"))
     shift = real.detach().amax(dim=dim, keepdim=True)
-    return (torch.log(torch.exp(s - shift).sum(dim=dim, keepdim=True)) + shift).squeeze(dim)
+    e = torch.exp(s - shift)
+    if mask is not None:
+        e = e * mask
+    return (torch.log(e.sum(dim=dim, keepdim=True)) + shift).squeeze(dim)
 
 
 def layer_norm(h: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -59,3 +65,26 @@ def rms_normalize(h: Tensor, eps: float = 1e-6) -> Tensor:
 def gelu(h: Tensor) -> Tensor:
     """The tanh form of GELU, which is entire; the real path uses ``approximate='tanh'`` to match."""
     return 0.5 * h * (1.0 + torch.tanh(_GELU_K * (h + 0.044715 * h * h * h)))
+
+
+def _negative_side(h: Tensor) -> tuple[Tensor, Tensor]:
+    """(a, pos): a = -h where Re h > 0, else h, so exp(a) never overflows."""
+    pos = h.real > 0
+    return torch.where(pos, -h, h), pos
+
+
+def softplus(h: Tensor) -> Tensor:
+    """log(1 + e^h), analytic near the real axis (both branches are the same function)."""
+    if not h.is_complex():
+        return torch.nn.functional.softplus(h)
+    a, pos = _negative_side(h)
+    return torch.log(1 + torch.exp(a)) + torch.where(pos, h, torch.zeros_like(h))
+
+
+def sigmoid(h: Tensor) -> Tensor:
+    """1 / (1 + e^-h), the derivative of :func:`softplus`."""
+    if not h.is_complex():
+        return torch.sigmoid(h)
+    a, pos = _negative_side(h)
+    e = torch.exp(a)
+    return torch.where(pos, 1 / (1 + e), e / (1 + e))

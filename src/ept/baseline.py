@@ -1,7 +1,7 @@
 """The fair control (``--mode bp``): the same parameters run as an explicit pre-LN transformer.
 
     h₀ = x = E[idx] + P[:T]
-    h ← h + Attn(LN₁ h) + FFN(LN₂ h)        repeated ``layers`` times, with the block's own weights
+    h ← h + N(h)        repeated ``layers`` times, N the block's own forces (thick: Attn(LN₁ h) + FFN(LN₂ h))
     logits = W_h · [LN_f] h
 
 trained by ordinary backprop. No leak, no fixed point: a standard weight-tied transformer.
@@ -20,9 +20,10 @@ from ept.model import EquilibriumLM
 
 
 def explicit_hidden(model: EquilibriumLM, idx: Tensor, layers: int) -> Tensor:
-    h = model.inject(idx)
+    x = h = model.inject(idx)
     for _ in range(layers):
-        h = h + model.attn(model.ln1(h)) + model.ffn(model.ln2(h))
+        for term in model.forces(h, x):
+            h = h + term
     return h
 
 

@@ -1,7 +1,7 @@
 """The equilibrium block: one pre-LN transformer block run as a dynamical system.
 
     x    = E[idx] + P[:T]                                   (clamped input)
-    F(z) = x - (1+c)·z + Attn(LN₁ z) + FFN(LN₂ z)           (the field)
+    F(z) = x - (1+c)·z + N(z)                               (the field; N: :mod:`ept.blocks`)
     z*   : F(z*) = 0                                        (the free phase finds it)
     logits = W_h · [LN_f] z*
 
@@ -11,70 +11,17 @@ kernels) and complex states (analytic forms from :mod:`ept.analytic`) for the ho
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ept import analytic
+from ept.blocks import FORCES, FeedForward, SelfAttention
+from ept.blocks import energy as block_energy
+from ept.blocks.common import layer_norm, linear
+from ept.blocks.energy import energy_forces
+from ept.blocks.thick import thick_forces
 from ept.config import EPTConfig
-
-
-def _linear(layer: nn.Linear, h: Tensor) -> Tensor:
-    if h.is_complex():
-        bias = None if layer.bias is None else layer.bias.to(h.dtype)
-        return F.linear(h, layer.weight.to(h.dtype), bias)
-    return layer(h)
-
-
-def _layer_norm(ln: nn.LayerNorm, h: Tensor) -> Tensor:
-    if h.is_complex():
-        return analytic.layer_norm(h, ln.weight, ln.bias, ln.eps)
-    return ln(h)
-
-
-class CausalSelfAttention(nn.Module):
-    """Causal multi-head softmax attention with untied Q, K, V, O (so J is not symmetric)."""
-
-    def __init__(self, cfg: EPTConfig):
-        super().__init__()
-        self.H = cfg.H
-        self.qknorm = cfg.qknorm
-        self.q = nn.Linear(cfg.C, cfg.C, bias=cfg.bias)
-        self.k = nn.Linear(cfg.C, cfg.C, bias=cfg.bias)
-        self.v = nn.Linear(cfg.C, cfg.C, bias=cfg.bias)
-        self.o = nn.Linear(cfg.C, cfg.C, bias=cfg.bias)
-
-    def _heads(self, h: Tensor) -> Tensor:
-        B, T, C = h.shape
-        return h.view(B, T, self.H, C // self.H).transpose(1, 2)
-
-    def forward(self, h: Tensor, fused: bool = True) -> Tensor:
-        B, T, C = h.shape
-        q, k, v = (self._heads(_linear(lin, h)) for lin in (self.q, self.k, self.v))
-        if self.qknorm:
-            q, k = analytic.rms_normalize(q), analytic.rms_normalize(k)
-        if h.is_complex() or not fused:
-            scale = 1.0 / math.sqrt(C // self.H)
-            mask = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
-            att = analytic.softmax((q @ k.transpose(-2, -1)) * scale, mask=mask)
-            y = att @ v
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return _linear(self.o, y.transpose(1, 2).reshape(B, T, C))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, cfg: EPTConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(cfg.C, cfg.ffn_mult * cfg.C, bias=cfg.bias)
-        self.fc2 = nn.Linear(cfg.ffn_mult * cfg.C, cfg.C, bias=cfg.bias)
-
-    def forward(self, h: Tensor) -> Tensor:
-        u = _linear(self.fc1, h)
-        u = analytic.gelu(u) if u.is_complex() else F.gelu(u, approximate="tanh")
-        return _linear(self.fc2, u)
 
 
 class EquilibriumLM(nn.Module):
@@ -87,7 +34,7 @@ class EquilibriumLM(nn.Module):
         self.wte = nn.Embedding(cfg.vocab_size + (cfg.objective == "mlm"), cfg.C)
         self.wpe = nn.Embedding(cfg.T, cfg.C)
         self.ln1 = nn.LayerNorm(cfg.C, eps=cfg.ln_eps)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = SelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.C, eps=cfg.ln_eps)
         self.ffn = FeedForward(cfg)
         self.ln_f = nn.LayerNorm(cfg.C, eps=cfg.ln_eps) if cfg.ln_f else None
@@ -119,20 +66,40 @@ class EquilibriumLM(nn.Module):
         return self.wte(idx) + self.wpe(pos)
 
     def field(self, z: Tensor, x: Tensor, fused: bool = True) -> Tensor:
-        """F(z) = x - (1+c) z + Attn(LN₁ z) + FFN(LN₂ z); zero at the equilibrium.
+        """F(z) = x - (1+c) z + N(z), N the forces of ``cfg.attn_mode``; zero at the equilibrium.
 
         ``fused=False`` avoids the fused attention kernel, which has no forward-mode derivative:
         pass it under ``torch.func.jvp``.
         """
-        x = x.to(z.dtype) if z.is_complex() else x
-        attn = self.attn(_layer_norm(self.ln1, z), fused=fused)
-        ffn = self.ffn(_layer_norm(self.ln2, z))
-        return x - (1.0 + self.cfg.c) * z + attn + ffn
+        terms = self.forces(z, x, fused)  # before the leak: the vjp's accumulation order, bit for bit
+        out = (x.to(z.dtype) if z.is_complex() else x) - (1.0 + self.cfg.c) * z
+        for term in terms:
+            out = out + term
+        return out
+
+    def forces(self, z: Tensor, x: Tensor, fused: bool = True) -> list[Tensor]:
+        """The block's terms of F beyond the leak and the input (``kappa``: the energy block's blend
+        (1-κ)·N_energy + κ·N_thick on the same weights)."""
+        kappa = self.cfg.kappa
+        if self.cfg.attn_mode != "energy" or kappa == 0.0:
+            return FORCES[self.cfg.attn_mode](self, z, x, fused)
+        thick = thick_forces(self, z, x, fused)
+        if kappa == 1.0:
+            return thick
+        return [(1.0 - kappa) * e + kappa * t for e, t in zip(energy_forces(self, z, x), thick, strict=True)]
+
+    def energy(self, z: Tensor, x: Tensor) -> Tensor:
+        """E(z) per sequence, (B,), with field = −∂(energy.sum())/∂z at kappa 0 (energy mode only;
+        at kappa > 0 it is the conservative part's energy)."""
+        if self.cfg.attn_mode != "energy":
+            raise ValueError(f"attn_mode {self.cfg.attn_mode!r} has no energy: only attn_mode 'energy' is a "
+                             "gradient field")
+        return block_energy(self, z, x)
 
     def readout(self, z: Tensor) -> Tensor:
         if self.ln_f is not None:
-            z = _layer_norm(self.ln_f, z)
-        return _linear(self.head, z)
+            z = layer_norm(self.ln_f, z)
+        return linear(self.head, z)
 
     @property
     def mask_id(self) -> int | None:
