@@ -22,6 +22,7 @@ from typing import BinaryIO
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import Tensor
 
 EOT = "<|endoftext|>"
 VALID_FRACTION = 0.05
@@ -322,6 +323,123 @@ def get_batch(
     starts = torch.randint(0, n - T, (B,), generator=generator, device=generator.device).cpu()
     win = torch.from_numpy(np.asarray(tokens[starts.numpy()[:, None] + np.arange(T + 1)], dtype=np.int64))
     return win[:, :-1].contiguous(), win[:, 1:].contiguous()
+
+
+IGNORE = -100  # the target of a position the loss skips (F.cross_entropy's ignore_index)
+
+
+def mask_count(width: int, rate: float) -> int:
+    """Positions masked in a sequence of ``width`` tokens: the nearest to ``rate``·width, at least one."""
+    return max(1, min(width, round(rate * width)))
+
+
+def mask_from_keys(keys: Tensor, rate: float) -> Tensor:
+    """The boolean mask of each row's :func:`mask_count` positions with the smallest ``keys``.
+
+    An exact count per row (not one coin per position) keeps every sequence's share of the loss
+    the same and never leaves a sequence with nothing to predict.
+    """
+    k = mask_count(keys.shape[-1], rate)
+    picked = keys.argsort(dim=-1)[..., :k]
+    return torch.zeros(keys.shape, dtype=torch.bool, device=keys.device).scatter_(-1, picked, True)
+
+
+def apply_mask(idx: Tensor, mask: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
+    """(inputs, targets): masked positions read ``mask_id`` and are the targets (the token itself);
+    every other target is :data:`IGNORE`."""
+    return idx.masked_fill(mask, mask_id), idx.masked_fill(~mask, IGNORE)
+
+
+def mask_tokens(idx: Tensor, rate: float, mask_id: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Mask a ``rate`` fraction of each row of ``idx`` (at least one position): (inputs, targets).
+
+    The positions come only from ``generator`` (on the CPU), so saving its state makes an MLM run
+    exactly resumable.
+    """
+    keys = torch.rand(idx.shape, generator=generator)
+    return apply_mask(idx, mask_from_keys(keys, rate), mask_id)
+
+
+def get_windows(tokens: np.ndarray, B: int, T: int, generator: torch.Generator) -> Tensor:
+    """B random windows of T tokens, int64 (B, T): an MLM batch predicts the window itself."""
+    n = len(tokens)
+    if n < T:
+        raise DataError(f"split has {n} tokens but context T={T} needs at least {T}: use a smaller --T "
+                        "or more data")
+    starts = torch.randint(0, n - T + 1, (B,), generator=generator, device=generator.device).cpu()
+    return torch.from_numpy(np.asarray(tokens[starts.numpy()[:, None] + np.arange(T)], dtype=np.int64))
+
+
+def get_mlm_batch(tokens: np.ndarray, B: int, T: int, windows: torch.Generator, masks: torch.Generator,
+                  rate: float, mask_id: int) -> tuple[Tensor, Tensor]:
+    """B random windows, masked: (inputs with ``mask_id`` at the masked positions, targets)."""
+    return mask_tokens(get_windows(tokens, B, T, windows), rate, mask_id, masks)
+
+
+def mlm_windows(tokens: np.ndarray, T: int, B: int) -> Iterator[tuple[int, Tensor]]:
+    """(offset of the first token, windows) over the whole split, non-overlapping: every token is in
+    exactly one window. Full windows come in batches of up to B rows, a final partial window last
+    as a (1, r) batch with r < T."""
+    n = len(tokens)
+    if n < 1:
+        raise DataError("split has no tokens: evaluation needs at least 1; use more data")
+    n_full = n // T
+    for i in range(0, n_full, B):
+        rows = min(B, n_full - i)
+        chunk = np.asarray(tokens[i * T : (i + rows) * T], dtype=np.int64)
+        yield i * T, torch.from_numpy(chunk).view(rows, T)
+    if n % T:
+        yield n_full * T, torch.from_numpy(np.asarray(tokens[n_full * T :], dtype=np.int64)).view(1, -1)
+
+
+EVAL_MASK_SEED = 1234  # every evaluation of every MLM run masks the same positions of a text
+
+
+def mlm_eval_windows(tokens: np.ndarray, T: int, B: int, rate: float, mask_id: int,
+                     seed: int = EVAL_MASK_SEED) -> Iterator[tuple[Tensor, Tensor]]:
+    """:func:`mlm_windows`, masked: (inputs, targets) over the whole split, the same masks every time.
+
+    Each token draws its key from ``seed`` by its position in the split, so the masks depend on
+    neither B nor how many batches are read: a periodic evaluation's first batches are masked as
+    the final one's are.
+    """
+    keys = torch.from_numpy(np.random.default_rng(seed).random(len(tokens)))
+    for start, win in mlm_windows(tokens, T, B):
+        mask = mask_from_keys(keys[start : start + win.numel()].view(win.shape), rate)
+        yield apply_mask(win, mask, mask_id)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """The ByteLevel pre-tokenizer's printable stand-in for each byte (GPT-2's bytes_to_unicode)."""
+    keep = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def token_chars(tokenizer: Tokenizer) -> np.ndarray:
+    """Characters each token id contributes to decoded text, int64 (vocab,).
+
+    A token is counted by the UTF-8 characters that *start* in its bytes, so a character split
+    across tokens counts once and the counts of a text's tokens sum to its length exactly (the
+    per-token decoded length would count each fragment as a replacement character). Special
+    tokens count their decoded length.
+    """
+    alphabet = _byte_level_alphabet()
+    n = tokenizer.get_vocab_size()
+    out = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        piece = tokenizer.id_to_token(i) or ""
+        if piece and all(c in alphabet for c in piece):
+            out[i] = sum(1 for c in piece if alphabet[c] & 0xC0 != 0x80)  # not a continuation byte
+        else:
+            out[i] = len(tokenizer.decode([i], skip_special_tokens=False))
+    return out
 
 
 def builtin_tokens(vocab_size: int) -> TokenData:

@@ -17,6 +17,7 @@ from torch import Tensor
 from ept.analog.ledger import WriteLedger
 from ept.analog.substrate import Nudge, Substrate
 from ept.config import EPConfig
+from ept.grad.common import n_targets
 from ept.grad.ep import contour, contour_estimate
 
 
@@ -30,12 +31,13 @@ class StepReport:
 
 
 def ep_lambda_from_reads(z_beta: Tensor, z_star: Tensor, ep: EPConfig, n_tokens: int) -> Tensor:
-    """λ for the mean loss from the read nudged states (stacked one batch per beta)."""
+    """λ for the mean loss over ``n_tokens`` targets from the read nudged states (stacked one batch
+    per beta)."""
     betas, weights = contour(ep)
     S = len(betas)
     zs = z_star.repeat(S, *([1] * (z_star.dim() - 1)))
     w = torch.tensor([complex(c).real for c in weights], dtype=z_star.dtype)
-    return contour_estimate(z_beta, zs, w, S) / n_tokens
+    return contour_estimate(z_beta, zs, w, S) / max(n_tokens, 1)
 
 
 def analog_step(
@@ -51,7 +53,8 @@ def analog_step(
     z_star = substrate.read(free)
     betas, weights = contour(ep)
     nudged = substrate.settle(idx, Nudge(targets, z_star, betas, weights))
-    lam = ep_lambda_from_reads(substrate.read(nudged), z_star, ep, targets.numel())
+    # The loss averages over the targets >= 0 (an MLM batch ignores the unmasked positions).
+    lam = ep_lambda_from_reads(substrate.read(nudged), z_star, ep, n_targets(targets))
     grads, loss = substrate.local_grads(idx, targets, z_star, lam)
     finite = all(bool(torch.isfinite(g).all()) for g in grads.values())
     stats = {

@@ -19,7 +19,7 @@ from ept.diagnostics.operators import (
     rho_SinvA,
     spectral_abscissa,
 )
-from ept.grad.common import free_phase
+from ept.grad.common import free_phase, n_targets
 from ept.model import EquilibriumLM
 
 NAN = float("nan")
@@ -215,7 +215,7 @@ def fingerprint(
             with torch.no_grad():
                 z_star, _ = free_phase(model, model.inject(idx), solver)
                 losses.append(model.loss(z_star, targets).item())
-        weights.append(targets.numel())
+        weights.append(n_targets(targets))  # val_ce is the mean over the targets >= 0
     if not losses:
         raise ValueError("fingerprint needs at least one batch")
     out["val_ce"] = float(np.average(losses, weights=weights))

@@ -26,16 +26,26 @@ def free_phase(
         return relax(RowwiseField(model.field, (x,)), start, cfg)
 
 
-def loss_grad_z(model: EquilibriumLM, z: Tensor, targets: Tensor, scale: float = 1.0) -> Tensor:
+def n_targets(targets: Tensor) -> int:
+    """The tokens the loss averages over: the targets >= 0 (an MLM batch ignores the rest)."""
+    return int((targets >= 0).sum())
+
+
+def loss_grad_z(model: EquilibriumLM, z: Tensor, targets: Tensor, scale: float = 1.0,
+                count: int | None = None) -> Tensor:
     """∂(scale·L)/∂z as the holomorphic derivative, so complex states get the analytic nudge.
 
-    Without ``ln_f`` the readout is linear and the gradient has a closed form (see
-    :func:`readout_ce_grad`), about 3x cheaper than a reverse pass on CPU; the nudged phase takes it
-    at every step. With ``ln_f``, autograd: PyTorch returns conj(dL/dz) for a holomorphic L, hence
-    the conjugation.
+    L is the mean CE over the ``count`` targets >= 0 (counted when not given; the nudged phase,
+    which calls this at every step, counts once): ignored positions get zero rows, and with no
+    target at all the gradient is zero. Without ``ln_f`` the readout is linear and the gradient has
+    a closed form (see :func:`readout_ce_grad`), about 3x cheaper than a reverse pass on CPU. With
+    ``ln_f``, autograd: PyTorch returns conj(dL/dz) for a holomorphic L, hence the conjugation.
     """
+    n = n_targets(targets) if count is None else count
+    if n == 0:  # nothing to predict (the mean would be 0/0)
+        return torch.zeros_like(z)
     if model.ln_f is None:
-        return readout_ce_grad(model, z, targets) * (scale / targets.numel())
+        return readout_ce_grad(model, z, targets) * (scale / n)
     with torch.enable_grad():
         z = z.detach().requires_grad_(True)
         loss = model.loss(z, targets) * scale
@@ -44,12 +54,14 @@ def loss_grad_z(model: EquilibriumLM, z: Tensor, targets: Tensor, scale: float =
 
 
 def readout_ce_grad(model: EquilibriumLM, z: Tensor, targets: Tensor) -> Tensor:
-    """Σ_tokens ∂CE/∂z for logits = W z: (softmax(W z) − e_y) W, holomorphic as written."""
+    """Σ_tokens ∂CE/∂z for logits = W z: (softmax(W z) − e_y) W, holomorphic as written; zero rows
+    where the target is < 0 (ignored)."""
     W = model.head.weight.detach().to(z.dtype)
     logits = z.detach() @ W.t()
     p = analytic.softmax(logits) if z.is_complex() else torch.softmax(logits, dim=-1)
-    p = p.scatter_add(-1, targets.unsqueeze(-1), -torch.ones_like(p[..., :1]))
-    return p @ W
+    valid = (targets >= 0).unsqueeze(-1)
+    p = p.scatter_add(-1, targets.clamp_min(0).unsqueeze(-1), -torch.ones_like(p[..., :1]))
+    return p.masked_fill(~valid, 0) @ W
 
 
 def local_update(model: EquilibriumLM, idx: Tensor, targets: Tensor, z_star: Tensor, lam: Tensor) -> Grads:
@@ -57,7 +69,9 @@ def local_update(model: EquilibriumLM, idx: Tensor, targets: Tensor, z_star: Ten
     with torch.enable_grad():
         z = z_star.detach()
         x = model.inject(idx)
-        total = model.loss(z, targets) + (model.field(z, x) * lam.detach()).sum()
+        # With no target the mean loss is 0/0: its term is dropped (the readout gets zeros).
+        loss = model.loss(z, targets) if n_targets(targets) else z.new_zeros(())
+        total = loss + (model.field(z, x) * lam.detach()).sum()
         return param_grads(model, total)
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 from ept.config import EPConfig, SolverConfig
-from ept.grad.common import Grads, free_phase, local_update, loss_grad_z, solve_summary
+from ept.grad.common import Grads, free_phase, local_update, loss_grad_z, n_targets, solve_summary
 from ept.model import EquilibriumLM
 from ept.solvers import SolveStats, relax
 
@@ -97,6 +97,8 @@ class NudgedField:
                  asym: str):
         self.model, self.x, self.targets = model, x, targets
         self.z_star, self.beta, self.asym = z_star, beta, asym
+        # The nudge is β·∂(Σ CE)/∂z over the targets >= 0: counted once here, not at every step.
+        self.n_targets = n_targets(targets)
         if asym == "fixed":
             self._j, self._jt = linearisation(self._unfused, z_star)
         elif asym == "linear":
@@ -109,7 +111,8 @@ class NudgedField:
         return self.model.field(z, self.x, fused=False)
 
     def __call__(self, z: Tensor) -> Tensor:
-        nudge = self.beta * loss_grad_z(self.model, z, self.targets, scale=self.targets.numel())
+        nudge = self.beta * loss_grad_z(self.model, z, self.targets, scale=self.n_targets,
+                                        count=self.n_targets)
         if self.asym == "none":
             return self.model.field(z, self.x) - nudge
         d = z - self.z_star
@@ -130,7 +133,8 @@ class NudgedField:
 def ep_gradient(
     model: EquilibriumLM, idx: Tensor, targets: Tensor, solver: SolverConfig, cfg: EPConfig
 ) -> tuple[Grads, dict[str, Any]]:
-    """EP's gradient of the mean loss over the sequences that reached an equilibrium.
+    """EP's gradient of the mean loss (over the targets >= 0) of the sequences that reached an
+    equilibrium; a sequence with no target is not relaxed and contributes nothing.
 
     With ``cfg.polish_res`` > 0, z* is first refined by Anderson (:func:`polish`), and ``drop_res``
     judges the refined residual. Sequences whose free residual is above ``cfg.drop_res`` are left
@@ -150,6 +154,10 @@ def ep_gradient(
         keep = (free_stats.residual_per_seq <= cfg.drop_res).cpu()
     # No sequence reached drop_res although none blew up: a stalled free phase, not a nudged blow-up.
     free_unsettled = not free_stats.diverged and not bool(keep.any())
+    # A sequence with no target (an MLM row without a masked token) has no nudge and no λ: it
+    # contributes nothing, so it is not relaxed, and is not counted as dropped.
+    has_target = (targets >= 0).any(-1).cpu()
+    keep &= has_target
     lam = torch.zeros_like(z_star)
     nudge_stats, retried = SolveStats(method="skipped", diverged=True), False
     if bool(keep.any()):
@@ -167,8 +175,10 @@ def ep_gradient(
             late = unsettled(nudge_stats, cfg, len(kept))
             n_late = int(late.sum())
             if cfg.drop_unsettled and 0 < n_late < len(kept):
-                # λ is for the mean loss: over fewer sequences, each one weighs more.
-                lam_k = lam_k[~late.to(lam_k.device)] * (len(kept) / (len(kept) - n_late))
+                # λ is for the mean loss: over fewer targets, each one weighs more.
+                kt = targets[kept.to(targets.device)]
+                ratio = n_targets(kt) / n_targets(kt[~late.to(kt.device)])
+                lam_k = lam_k[~late.to(lam_k.device)] * ratio
                 keep[kept[late]] = False
             lam[keep.to(lam.device)] = lam_k
     if not bool(keep.any()) or nudge_stats.diverged:
@@ -178,10 +188,11 @@ def ep_gradient(
     with torch.no_grad():
         loss = model.loss(z_star, targets).item()
     stats = {"loss": loss, **solve_summary("free", free_stats), **solve_summary("nudged", nudge_stats)}
+    dropped = float(int((~keep & has_target).sum()))
     stats.update(T2=nudge_stats.fevals, polish_fevals=polish_fevals, free_unsettled=free_unsettled,
                  nudged_states=len(contour(cfg)[0]),
                  nudged_retry=float(retried),
-                 dropped_seqs=float(B - int(keep.sum())), dropped_seqs_max=float(B - int(keep.sum())),
+                 dropped_seqs=dropped, dropped_seqs_max=dropped,
                  kept=keep, z_star=z_star, lam=lam)
     return grads, stats
 
@@ -238,9 +249,10 @@ def _lambda_of(model: EquilibriumLM, x: Tensor, targets: Tensor, z_star: Tensor,
 def ep_lambda(
     model: EquilibriumLM, x: Tensor, targets: Tensor, z_star: Tensor, solver: SolverConfig, cfg: EPConfig
 ) -> tuple[Tensor, SolveStats]:
-    """The EP estimate of λ = -J⁻ᵀ ∂L/∂z (for the mean loss) from nudged relaxations at z*."""
+    """The EP estimate of λ = -J⁻ᵀ ∂L/∂z (for the mean loss over the targets >= 0) from nudged
+    relaxations at z*."""
     z_beta, stats, estimate = nudged_phase(model, x, targets, z_star, solver, cfg)
-    return estimate(z_beta) / targets.numel(), stats
+    return estimate(z_beta) / max(n_targets(targets), 1), stats
 
 
 def unsettled(stats: SolveStats, cfg: EPConfig, n_seq: int) -> Tensor:
