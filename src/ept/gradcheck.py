@@ -39,6 +39,17 @@ class GradcheckConfig:
     scale: float = 1.0
     seed: int = 0
     dtype: str = "float64"
+    attn_mode: str = "thick"
+    causal: bool = True
+    kappa: float = 0.0
+    mono_m: float = 0.5
+    emb_std: float = 0.0  # 0: the block's init_std, the problem this check was calibrated on
+
+    def model_config(self) -> EPTConfig:
+        """The block; a bidirectional one is built as an MLM model (a bidirectional LM is refused)."""
+        return EPTConfig(vocab_size=self.vocab_size, C=self.C, H=self.H, T=self.T, c=self.c,
+                         attn_mode=self.attn_mode, causal=self.causal, kappa=self.kappa, mono_m=self.mono_m,
+                         objective="lm" if self.causal else "mlm", emb_std=self.emb_std)
 
 
 def compare(grads: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[str, float]:
@@ -48,8 +59,7 @@ def compare(grads: dict[str, Tensor], reference: dict[str, Tensor]) -> dict[str,
 
 def build_problem(cfg: GradcheckConfig) -> tuple[EquilibriumLM, Tensor, Tensor]:
     torch.manual_seed(cfg.seed)
-    model_cfg = EPTConfig(vocab_size=cfg.vocab_size, C=cfg.C, H=cfg.H, T=cfg.T, c=cfg.c)
-    model = EquilibriumLM(model_cfg).to(getattr(torch, cfg.dtype))
+    model = EquilibriumLM(cfg.model_config()).to(getattr(torch, cfg.dtype))
     with torch.no_grad():
         for p in model.weight_matrices().values():
             p.mul_(cfg.scale)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ept.cli import UsageError
+from ept.config import ATTN_MODES
 from ept.gradcheck import GradcheckConfig, run_gradcheck
 
 
@@ -15,13 +17,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=float, default=1.0, help="multiply the block's weight matrices")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--c", type=float, default=1.0, help="damping leak of the block")
+    p.add_argument("--attn_mode", choices=ATTN_MODES, default="thick",
+                   help="the block (see ept train --help)")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
+                   help="causal attention (--no-causal: bidirectional)")
+    p.add_argument("--kappa", type=float, default=0.0, help="energy mode: the blend towards free attention")
+    p.add_argument("--mono_m", type=float, default=0.5, help="mono mode: the monotonicity margin")
+    p.add_argument("--emb_std", type=float, default=0.0, help="embedding std (0: the block's init_std)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = GradcheckConfig(dtype=args.dtype, scale=args.scale, seed=args.seed, c=args.c)
+    cfg = GradcheckConfig(dtype=args.dtype, scale=args.scale, seed=args.seed, c=args.c,
+                          attn_mode=args.attn_mode, causal=args.causal, kappa=args.kappa,
+                          mono_m=args.mono_m, emb_std=args.emb_std)
+    try:
+        cfg.model_config()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     report = run_gradcheck(cfg)
-    print(f"problem: C={cfg.C} H={cfg.H} T={cfg.T} B={cfg.B} c={cfg.c} scale={cfg.scale} {cfg.dtype}")
+    print(f"problem: {cfg.attn_mode} block{'' if cfg.causal else ' (bidirectional)'}, C={cfg.C} H={cfg.H} "
+          f"T={cfg.T} B={cfg.B} c={cfg.c} scale={cfg.scale} {cfg.dtype}")
     print(
         f"free phase: residual {report['free_residual']:.1e} in {report['free_fevals']} F-evals"
         f"{'' if report['converged'] else '  (NOT converged)'}; "
