@@ -145,7 +145,9 @@ def test_json_summary_is_the_last_line(tmp_path, corpus_file, capsys) -> None:
 def test_eval_and_generate_use_the_runs_tokenizer(trained_run: Path, corpus_file, capsys) -> None:
     assert main(["eval", "--ckpt", str(trained_run), "--data", str(corpus_file), "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(out) == {"val_ce", "tokens"} and 0 < out["val_ce"] < 7 and out["tokens"] > 1000
+    assert set(out) == {"val_ce", "tokens", "nats_per_char"} and 0 < out["val_ce"] < 7
+    assert out["tokens"] > 1000
+    assert 0 < out["nats_per_char"] < out["val_ce"]  # several characters per token
     assert (
         main(["generate", "--ckpt", str(trained_run), "--prompt", "ROMEO:", "--tokens", "5", "--json"]) == 0
     )

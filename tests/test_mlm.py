@@ -3,14 +3,23 @@ training, resume, eval and generate."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import small_model
+from test_cli_train import SMALL as CLI_SMALL
+from test_train import quiet, small_cfg, write_corpus
 
 import ept
-from ept.data import IGNORE, mask_tokens
+from ept import checkpoint as ckpt
+from ept.cli import main
+from ept.data import EOT, IGNORE, load_corpus, mask_tokens, mlm_eval_windows, prepare, token_chars
 from ept.grad.common import loss_grad_z, n_targets, readout_ce_grad
+from ept.train import train
 
 TIGHT = dict(res_est=1e-12, t1max=1000)  # free phase converged to machine precision
 EP_TIGHT = dict(TIGHT, t2_tol=1e-11, t2sel=400)
@@ -126,3 +135,92 @@ def test_a_sequence_without_a_masked_token_contributes_nothing(problem, route):
         torch.testing.assert_close(grads[name], alone[name], rtol=1e-6, atol=1e-9, msg=name)
     if route == "ep":
         assert stats["dropped_seqs"] == 0  # left out of the nudge, not counted as dropped
+
+
+# ------------------------------------------------------------------------------- data and eval
+
+
+def test_eval_masks_depend_on_neither_the_batch_size_nor_the_batches_read():
+    tokens = np.arange(1000) % 50
+    a = torch.cat([t.flatten() for _, t in mlm_eval_windows(tokens, 16, 3, 0.15, 50)])
+    b = torch.cat([t.flatten() for _, t in mlm_eval_windows(tokens, 16, 8, 0.15, 50)])
+    assert torch.equal(a, b) and len(a) == 1000  # every token once, the last window partial
+    assert int((a >= 0).sum()) == 62 * 2 + 1  # 2 of each full window of 16, 1 of the last 8
+
+
+def test_token_chars_sum_to_the_length_of_the_text(tokens):
+    text = "Héllo wörld — naïve 日本語, ROMEO: ay." + EOT + "x"
+    ids = tokens.encode(text)
+    assert tokens.decode(ids) == text
+    assert int(token_chars(tokens.tokenizer)[ids].sum()) == len(text)
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def tokens(corpus_file):
+    return prepare(load_corpus(corpus_file), 300)
+
+
+def mlm_cfg(tokens, **flags):
+    return small_cfg(tokens, objective="mlm", causal=False, steps=4, **flags)
+
+
+@pytest.mark.parametrize("mode", ["ep", "bptt", "bp"])
+def test_an_mlm_run_trains_and_reports_masked_token_ce(tokens, tmp_path, mode):
+    cfg = mlm_cfg(tokens, mode=mode)
+    summary = train(cfg, tokens, tmp_path, log=quiet)
+    assert summary["finished"] and summary["rollbacks"] == 0
+    masked = sum(int((t >= 0).sum()) for _, t in mlm_eval_windows(tokens.valid, cfg.model.T, 32, 0.15, 300))
+    assert summary["tokens"] == masked  # the final val CE is over the masked tokens of the split
+    assert 0 < summary["val_ce"] < summary["initial_val_ce"] < 7
+    assert "[" in summary["sample"]  # the filled masks of the first window
+
+
+def test_an_mlm_resume_is_bit_identical_to_an_uninterrupted_run(tokens, tmp_path):
+    cfg = mlm_cfg(tokens)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    straight.mkdir()
+    split.mkdir()
+    a = train(cfg, tokens, straight, log=quiet)
+    train(cfg, tokens, split, stop_after=1, log=quiet)  # stops between checkpoints
+    b = train(cfg, tokens, split, resume=True, log=quiet)
+    ca, cb = ckpt.load_checkpoint(straight), ckpt.load_checkpoint(split)
+    assert "masks" in cb.state["rng"]
+    for stem in ("model", "ema"):
+        for k, v in ca.weights[stem].items():
+            assert torch.equal(v, cb.weights[stem][k]), (stem, k)
+    assert a["val_ce"] == b["val_ce"]
+
+
+def test_ept_train_eval_and_generate_on_an_mlm_run(corpus_file, tmp_path, capsys):
+    run = tmp_path / "mlm"
+    argv = ["train", "--data", str(corpus_file), "--out", str(run), *CLI_SMALL, "--objective", "mlm",
+            "--no-causal", "--mask_rate", "0.2", "--mode", "bp"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    evals = []
+    for _ in range(2):  # the same masks at every evaluation
+        assert main(["eval", "--ckpt", str(run), "--data", str(corpus_file), "--json"]) == 0
+        out = capsys.readouterr().out.strip().splitlines()
+        evals.append(json.loads(out[-1]))
+        assert out[0].startswith("masked-token CE (mask rate 0.2)")
+    assert evals[0] == evals[1]
+    assert set(evals[0]) == {"val_ce", "masked_ce", "tokens", "nats_per_char"}
+    assert evals[0]["masked_ce"] == evals[0]["val_ce"] and 0 < evals[0]["nats_per_char"] < evals[0]["val_ce"]
+    assert main(["generate", "--ckpt", str(run), "--prompt", "ROMEO:"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was trained with --objective mlm: it fills masked tokens" in err[0]
+
+
+@pytest.mark.parametrize("rate", ["0", "1", "-0.1", "1.5"])
+def test_a_mask_rate_outside_0_1_is_a_usage_error(rate, tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r"), "--mask_rate", rate]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--mask_rate {float(rate)} is outside (0, 1)" in err[0]

@@ -368,8 +368,13 @@ class TrainConfig:
     max_rollbacks: int = setting(5, "rollbacks before the run stops")
     sample_tokens: int = setting(200, "tokens of the sample written at the end")
     threads: int = setting(0, "torch CPU threads (0: torch's default); small models run best on 1")
+    mask_rate: float = setting(0.15, "--objective mlm: the fraction of each sequence's tokens masked (at "
+                               "least one), for training and evaluation")
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.mask_rate < 1.0:
+            raise ValueError(f"--mask_rate {self.mask_rate} is outside (0, 1): give the fraction of tokens "
+                             "to mask, e.g. --mask_rate 0.15")
         if self.mode not in MODES:
             raise ValueError(f"--mode '{self.mode}' is not one of {', '.join(MODES)}")
         if self.optimizer not in optimizer_names():

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,8 +20,8 @@ from torch import Tensor
 
 from ept.baseline import explicit_hidden
 from ept.config import RunConfig, SolverConfig
-from ept.data import eval_windows
-from ept.grad.common import free_phase
+from ept.data import EVAL_MASK_SEED, eval_windows, mlm_eval_windows
+from ept.grad.common import free_phase, n_targets
 from ept.model import EquilibriumLM
 
 
@@ -56,25 +58,60 @@ class Predictor:
 
 
 @torch.no_grad()
-def mean_ce(predictor: Predictor, tokens: np.ndarray, T: int, B: int, max_batches: int | None = None) -> dict:
-    """Mean next-token CE over every target of ``tokens`` (or the first ``max_batches`` batches)."""
-    total, count, res, res_max, fevals, n = 0.0, 0, 0.0, 0.0, 0, 0
-    for i, (idx, targets) in enumerate(eval_windows(tokens, T, B)):
+def _ce(predictor: Predictor, batches: Iterable[tuple[Tensor, Tensor]], max_batches: int | None,
+        chars: np.ndarray | None) -> dict[str, Any]:
+    """Mean CE over the targets >= 0 of ``batches``; with ``chars`` (characters per token id), also
+    nats per character of those targets."""
+    total, count, n_chars, res, res_max, fevals, n = 0.0, 0, 0, 0.0, 0.0, 0, 0
+    for i, (idx, targets) in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         z, stats = predictor.hidden(idx)
         logits = predictor.model.readout(z)
         total += F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="sum").item()
-        count += targets.numel()
+        count += n_targets(targets)
+        if chars is not None:
+            n_chars += int(chars[targets[targets >= 0].numpy()].sum())
         if stats:
             n += 1
             res += stats["residual"]
             res_max = max(res_max, stats["residual_max"])
             fevals += stats["fevals"]
-    out = {"val_ce": total / max(count, 1), "tokens": count}
+    out: dict[str, Any] = {"val_ce": total / max(count, 1), "tokens": count}
+    if chars is not None:
+        out["nats_per_char"] = total / max(n_chars, 1)
     if n:
         out.update(val_residual=res / n, val_residual_max=res_max, val_fevals=fevals / n)
     return out
+
+
+def mean_ce(predictor: Predictor, tokens: np.ndarray, T: int, B: int, max_batches: int | None = None,
+            chars: np.ndarray | None = None) -> dict[str, Any]:
+    """Mean next-token CE over every target of ``tokens`` (or the first ``max_batches`` batches);
+    ``chars`` (:func:`ept.data.token_chars`) adds ``nats_per_char``."""
+    return _ce(predictor, eval_windows(tokens, T, B), max_batches, chars)
+
+
+def masked_ce(predictor: Predictor, tokens: np.ndarray, T: int, B: int, rate: float,
+              max_batches: int | None = None, chars: np.ndarray | None = None,
+              seed: int = EVAL_MASK_SEED) -> dict[str, Any]:
+    """Mean CE over the masked tokens of ``tokens`` (:func:`ept.data.mlm_eval_windows`: every window,
+    the same masks at every call), as ``masked_ce`` and ``val_ce``; ``tokens`` counts the masked
+    ones. ``chars`` adds ``nats_per_char``: CE × masked tokens / their characters."""
+    mask_id = predictor.model.mask_id
+    if mask_id is None:
+        raise ValueError("masked-token CE needs a model trained with --objective mlm (it reads a mask token)")
+    out = _ce(predictor, mlm_eval_windows(tokens, T, B, rate, mask_id, seed), max_batches, chars)
+    return {"masked_ce": out["val_ce"], **out}
+
+
+def validation(predictor: Predictor, tokens: np.ndarray, cfg: RunConfig, B: int,
+               max_batches: int | None = None, chars: np.ndarray | None = None) -> dict[str, Any]:
+    """The run's validation CE on ``tokens``: next-token CE for an LM, masked-token CE (at the run's
+    ``--mask_rate``) for an MLM."""
+    if cfg.model.objective == "mlm":
+        return masked_ce(predictor, tokens, cfg.model.T, B, cfg.train.mask_rate, max_batches, chars)
+    return mean_ce(predictor, tokens, cfg.model.T, B, max_batches, chars)
 
 
 def unigram_ce(train: np.ndarray, valid: np.ndarray, vocab_size: int) -> float:
@@ -82,6 +119,10 @@ def unigram_ce(train: np.ndarray, valid: np.ndarray, vocab_size: int) -> float:
     counts = np.bincount(np.asarray(train, dtype=np.int64), minlength=vocab_size).astype(np.float64) + 1.0
     logp = np.log(counts / counts.sum())
     return float(-logp[np.asarray(valid, dtype=np.int64)].mean())
+
+
+MLM_GENERATE = ("the model was trained with --objective mlm: it fills masked tokens, it does not continue "
+                "text; measure it with 'ept eval' (masked-token CE)")
 
 
 def pick_token(logits: Tensor, temperature: float, top_k: int | None, generator: torch.Generator) -> int:
@@ -104,6 +145,8 @@ def generate(predictor: Predictor, prompt: list[int], n_tokens: int, T: int, tem
     With causal attention the fixed point of a prefix does not change when a token is appended, so
     until the context is cropped the previous z* warm-starts the next relaxation.
     """
+    if predictor.model.mask_id is not None:
+        raise ValueError(MLM_GENERATE)
     if not prompt:
         raise ValueError("generation needs a prompt of at least one token")
     gen = generator or torch.Generator().manual_seed(0)
@@ -119,3 +162,26 @@ def generate(predictor: Predictor, prompt: list[int], n_tokens: int, T: int, tem
         z_prev = z if predictor.mode != "bp" else None
         ids.append(pick_token(predictor.model.readout(z[:, -1:])[0, -1], temperature, top_k, gen))
     return ids[len(prompt):]
+
+
+@torch.no_grad()
+def fill_masks(predictor: Predictor, inputs: Tensor) -> Tensor:
+    """``inputs`` with every mask token replaced by the model's likeliest token there (one relaxation)."""
+    mask_id = predictor.model.mask_id
+    if mask_id is None:
+        raise ValueError("filling masks needs a model trained with --objective mlm")
+    z, _ = predictor.hidden(inputs)
+    best = predictor.model.readout(z).argmax(-1)
+    return torch.where(inputs == mask_id, best, inputs)
+
+
+def render_fill(ids: list[int], masked: list[bool], decode: Callable[[list[int]], str]) -> str:
+    """The text of ``ids`` with each masked position's token in [brackets]."""
+    out, run = [], []
+    for i, m in zip(ids, masked, strict=True):
+        if m:
+            out.append(decode(run) + "[" + decode([i]) + "]")
+            run = []
+        else:
+            run.append(i)
+    return "".join(out) + decode(run)

@@ -29,8 +29,8 @@ from ept.baseline import bp_gradient
 from ept.checkpoint import CONFIG_FILE, TOKENIZER_FILE
 from ept.config import MODES as MODES  # re-exported: the routes a run trains with
 from ept.config import ControlConfig, RunConfig, TrainConfig
-from ept.data import TokenData, get_batch, save_tokenizer
-from ept.evaluate import Predictor, generate, mean_ce, unigram_ce
+from ept.data import EVAL_MASK_SEED, TokenData, get_batch, get_mlm_batch, mlm_eval_windows, save_tokenizer
+from ept.evaluate import Predictor, fill_masks, generate, render_fill, unigram_ce, validation
 from ept.grad import gradient
 from ept.model import EquilibriumLM
 from ept.optim import ParamEMA, build_optimizer, set_lr, wsd_factor
@@ -80,6 +80,7 @@ class Session:
     controller: Any  # ept.controls.Controller or None
     batches: torch.Generator
     state: TrainState
+    masks: torch.Generator  # the masked positions of an MLM run's batches (drawn apart from the windows)
 
 
 def build_session(cfg: RunConfig) -> Session:
@@ -94,7 +95,8 @@ def build_session(cfg: RunConfig) -> Session:
 
         controller = Controller(ControlConfig.from_dict(cfg.control))
     batches = torch.Generator().manual_seed(t.seed + 1)
-    return Session(cfg, model, optimizer, ema, controller, batches, TrainState())
+    masks = torch.Generator().manual_seed(t.seed + 2)
+    return Session(cfg, model, optimizer, ema, controller, batches, TrainState(), masks)
 
 
 def session_state(s: Session) -> dict[str, Any]:
@@ -105,7 +107,8 @@ def session_state(s: Session) -> dict[str, Any]:
         "optimizer": copy.deepcopy(s.optimizer.state_dict()),
         "ema": None if s.ema is None else copy.deepcopy(s.ema.state_dict()),
         "controller": None if s.controller is None else copy.deepcopy(s.controller.state_dict()),
-        "rng": {"batches": s.batches.get_state(), "torch": torch.get_rng_state()},
+        "rng": {"batches": s.batches.get_state(), "torch": torch.get_rng_state(),
+                "masks": s.masks.get_state()},
     }
 
 
@@ -118,7 +121,18 @@ def load_session_state(s: Session, st: dict[str, Any]) -> None:
     if s.controller is not None and st.get("controller") is not None:
         s.controller.load_state_dict(copy.deepcopy(st["controller"]))
     s.batches.set_state(st["rng"]["batches"])
+    if "masks" in st["rng"]:  # a checkpoint from before --objective mlm holds none (an LM draws no mask)
+        s.masks.set_state(st["rng"]["masks"])
     torch.set_rng_state(st["rng"]["torch"])
+
+
+def next_batch(s: Session, data: TokenData) -> tuple[Tensor, Tensor]:
+    """The next training batch: (window, next tokens) for an LM; for an MLM (masked window, the
+    masked tokens themselves, -100 elsewhere)."""
+    m, t = s.cfg.model, s.cfg.train
+    if m.objective == "mlm":
+        return get_mlm_batch(data.train, t.B, m.T, s.batches, s.masks, t.mask_rate, m.vocab_size)
+    return get_batch(data.train, t.B, m.T, s.batches)
 
 
 def step_gradient(s: Session, idx: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -255,9 +269,10 @@ def rollback(s: Session, snapshot: dict[str, Any], reason: str, metrics: Metrics
                 f"--init_std or a larger damping --c")
         raise TrainingDiverged(f"training diverged at step {failed.step} ({reason}) after {failed.rollbacks} "
                                f"rollbacks: lower --lr or hold contraction (--eigreg 1 --eig_margin 0.5)")
-    stream = s.batches.get_state()
+    stream, masks = s.batches.get_state(), s.masks.get_state()
     load_session_state(s, snapshot)
     s.batches.set_state(stream)
+    s.masks.set_state(masks)
     s.state.rollbacks = failed.rollbacks + 1
     s.state.best_val = failed.best_val  # best/ on disk stays the best
     s.state.lr_scale = failed.lr_scale * (1.0 if initial else t.lr_backoff)
@@ -282,7 +297,23 @@ def rollback_point(s: Session, devices: AnalogSession | None) -> dict[str, Any]:
 
 
 def _evaluate(s: Session, data: TokenData, max_batches: int | None) -> dict[str, Any]:
-    return mean_ce(eval_model(s), data.valid, s.cfg.model.T, max(s.cfg.train.B, 32), max_batches)
+    """Val CE: next-token for an LM, masked-token for an MLM (fixed masks, so evaluations compare)."""
+    return validation(eval_model(s), data.valid, s.cfg, max(s.cfg.train.B, 32), max_batches)
+
+
+def sample_text(s: Session, data: TokenData) -> str:
+    """An LM continues the valid split's first tokens; an MLM fills the masks of its first window
+    (as evaluation masks it), the predictions in [brackets]."""
+    predictor, m = eval_model(s), s.cfg.model
+    if m.objective == "mlm":
+        inputs, targets = next(mlm_eval_windows(data.valid[: m.T], m.T, 1, s.cfg.train.mask_rate,
+                                                m.vocab_size, EVAL_MASK_SEED))
+        filled = fill_masks(predictor, inputs)[0].tolist()
+        return render_fill(filled, (targets[0] >= 0).tolist(), data.decode)
+    prompt = [int(i) for i in data.valid[: min(16, len(data.valid) - 1)]]
+    gen = torch.Generator().manual_seed(s.cfg.train.seed)
+    ids = generate(predictor, prompt, s.cfg.train.sample_tokens, m.T, 0.8, 40, gen)
+    return data.decode(prompt) + data.decode(ids)
 
 
 def _finish(
@@ -291,11 +322,9 @@ def _finish(
     """Whole-split val CE, a text sample, the curves PNG."""
     final = _evaluate(s, data, None)
     metrics.write({"step": s.state.step, "event": "final", **final})
-    prompt = [int(i) for i in data.valid[: min(16, len(data.valid) - 1)]]
-    gen = torch.Generator().manual_seed(s.cfg.train.seed)
-    ids = generate(eval_model(s), prompt, s.cfg.train.sample_tokens, s.cfg.model.T, 0.8, 40, gen)
-    text = data.decode(prompt) + data.decode(ids)
-    log(f"val CE {final['val_ce']:.4f} over {final['tokens']} tokens; sample:\n{text}")
+    text = sample_text(s, data)
+    what = "masked-token CE" if s.cfg.model.objective == "mlm" else "val CE"
+    log(f"{what} {final['val_ce']:.4f} over {final['tokens']} tokens; sample:\n{text}")
     if run is not None:
         ckpt.atomic_write(run / SAMPLE_FILE, text.encode())
         plot_curves(metrics.records, run / CURVES_FILE, title=f"{s.cfg.train.mode} {s.cfg.preset}".strip())
@@ -377,7 +406,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
     tick, tick_step = time.time(), s.state.step
     end = t.steps if stop_after is None else min(t.steps, stop_after)
     while s.state.step < end:
-        idx, targets = get_batch(data.train, t.B, cfg.model.T, s.batches)
+        idx, targets = next_batch(s, data)
         with forward():
             grads, stats = step_gradient(s, idx, targets)
         reason = divergence(stats, s.state, t)

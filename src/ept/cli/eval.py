@@ -1,5 +1,10 @@
 """``ept eval --ckpt RUN --data FILE``: mean next-token cross-entropy over a whole text file, with the
-run's own tokenizer and its EMA weights (the raw weights with ``--raw`` or when the run had no EMA)."""
+run's own tokenizer and its EMA weights (the raw weights with ``--raw`` or when the run had no EMA).
+
+A run trained with ``--objective mlm`` is measured by its masked-token CE instead: every window of
+the file, a ``--mask_rate`` fraction of each masked by a fixed seed (the same positions at every
+evaluation). Both report nats per character, the CE summed over the predicted tokens divided by
+their characters, which compares across tokenizers."""
 
 from __future__ import annotations
 
@@ -13,8 +18,8 @@ import numpy as np
 
 from ept import checkpoint as ckpt
 from ept.cli import UsageError
-from ept.data import EOT, DataError, TokenData, load_tokenizer
-from ept.evaluate import Predictor, mean_ce
+from ept.data import EOT, DataError, TokenData, load_tokenizer, token_chars
+from ept.evaluate import Predictor, validation
 from ept.presets import RunConfig
 
 
@@ -80,7 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--raw", action="store_true", help="evaluate the raw weights instead of the EMA")
     p.add_argument("--best", action="store_true", help="the run's best-val checkpoint (RUN/best) instead of "
                    "its latest")
-    p.add_argument("--json", action="store_true", help='print one last line {"val_ce": ..., "tokens": ...}')
+    p.add_argument("--json", action="store_true", help='print one last line {"val_ce": ..., "tokens": ..., '
+                   '"nats_per_char": ...} (an MLM run adds "masked_ce")')
     p.set_defaults(func=run_eval)
 
 
@@ -93,12 +99,16 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"data file '{args.data}' has {len(ids)} token(s): evaluation needs at least 2")
     t0 = time.time()
     try:
-        out = mean_ce(run.predictor, ids, run.cfg.model.T, args.B)
+        out = validation(run.predictor, ids, run.cfg, args.B, chars=token_chars(run.tokens.tokenizer))
     except DataError as e:
         raise UsageError(str(e)) from None
     which = "best" if args.best else "latest"
-    print(f"val CE {out['val_ce']:.4f} nats/token over {out['tokens']} tokens ({run.weights} weights, "
-          f"{which} checkpoint, step {run.step}, {time.time() - t0:.1f} s)")
+    mlm = run.cfg.model.objective == "mlm"
+    what = f"masked-token CE (mask rate {run.cfg.train.mask_rate:g})" if mlm else "val CE"
+    print(f"{what} {out['val_ce']:.4f} nats/token, {out['nats_per_char']:.4f} nats/char over {out['tokens']} "
+          f"{'masked ' if mlm else ''}tokens ({run.weights} weights, {which} checkpoint, step {run.step}, "
+          f"{time.time() - t0:.1f} s)")
     if args.json:
-        print(json.dumps({"val_ce": out["val_ce"], "tokens": out["tokens"]}))
+        keys = ["val_ce", *(["masked_ce"] if mlm else []), "tokens", "nats_per_char"]
+        print(json.dumps({k: out[k] for k in keys}))
     return 0

@@ -36,6 +36,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.temperature < 0 or args.top_k < 0:
         raise UsageError("--temperature and --top_k must be >= 0 (0: greedy / no top-k cut)")
     run = load_run(args.ckpt, raw=args.raw, best=args.best)
+    if run.cfg.model.objective == "mlm":
+        raise UsageError(f"run '{args.ckpt}' was trained with --objective mlm: it fills masked tokens, it "
+                         "does not continue text; measure it with 'ept eval --ckpt RUN --data FILE' "
+                         "(masked-token CE)")
     prompt = run.tokens.encode(args.prompt) if args.prompt else []
     prompt = prompt or [run.tokens.eot_id]  # an empty prompt starts a new document
     gen = torch.Generator().manual_seed(args.seed)

@@ -345,8 +345,9 @@ def run_train(args: argparse.Namespace) -> int:
     summary.pop("sample", None)
     summary["run"] = str(run)
     val = summary["val_ce"]
+    what = "masked-token CE" if cfg.model.objective == "mlm" else "val CE"
     print(
-        f"{'done' if summary['finished'] else 'stopped'} at step {summary['steps']}: val CE "
+        f"{'done' if summary['finished'] else 'stopped'} at step {summary['steps']}: {what} "
         f"{val if val is None else round(val, 4)} in {summary['seconds']:.0f} s; run folder {run}"
     )
     if args.json:
