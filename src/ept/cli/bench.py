@@ -12,62 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
+from ept.bench.quality import BLOCKS, quality
+from ept.bench.quality import format_table as quality_table
 from ept.cli import UsageError
-from ept.data import DataError, load_corpus, prepare
-from ept.evaluate import unigram_ce
-from ept.presets import PRESETS, resolve
-from ept.train import MODES, train, write_run_files
-
-EP_TARGET = 0.05  # the issue's bar: EP val CE within this of BPTT's
-
-
-def quality(preset: str = "tiny", steps: int | None = None, modes: tuple[str, ...] = MODES,
-            out: Path | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train each mode at ``preset`` for the same steps on the same data; val CE of each."""
-    flags: dict[str, Any] = {} if steps is None else {"steps": steps}
-    base = resolve(preset, flags)
-    data = prepare(load_corpus(base.data.data), base.model.vocab_size)
-    results: dict[str, Any] = {}
-    for mode in modes:
-        cfg = resolve(preset, {**flags, "mode": mode})
-        cfg.model.vocab_size = data.vocab_size
-        cfg.data.key = data.key
-        run = None
-        if out is not None:
-            # A complete run folder, as `ept train --out` writes it: eval, fingerprint and
-            # `bench speed --ckpt` read its config and tokenizer.
-            run = out / mode
-            run.mkdir(parents=True, exist_ok=False)
-            write_run_files(run, cfg, data)
-        t0 = time.time()
-        s = train(cfg, data, run, log=lambda msg, mode=mode: log(f"[{mode}] {msg}"))
-        keep = ("val_ce", "initial_val_ce", "train_loss", "steps", "rollbacks")
-        results[mode] = {**{k: s[k] for k in keep}, "seconds": round(time.time() - t0, 1)}
-    summary: dict[str, Any] = {"bench": "quality", "preset": preset, "steps": base.train.steps,
-                               "unigram_ce": unigram_ce(data.train, data.valid, data.vocab_size),
-                               "results": results}
-    if "ep" in results and "bptt" in results:
-        gap = results["ep"]["val_ce"] - results["bptt"]["val_ce"]
-        summary.update(ep_minus_bptt=gap, target=EP_TARGET, target_met=bool(gap <= EP_TARGET))
-    return summary
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    rows = [f"quality @ preset {summary['preset']}, {summary['steps']} steps "
-            f"(unigram baseline {summary['unigram_ce']:.3f} nats)",
-            f"{'mode':<6}{'val CE':>9}{'initial':>9}{'train':>9}{'seconds':>9}{'rollbacks':>10}"]
-    for mode, r in summary["results"].items():
-        rows.append(f"{mode:<6}{r['val_ce']:>9.4f}{r['initial_val_ce']:>9.4f}{r['train_loss']:>9.4f}"
-                    f"{r['seconds']:>9.1f}{r['rollbacks']:>10d}")
-    if "ep_minus_bptt" in summary:
-        verdict = "met" if summary["target_met"] else "NOT met"
-        rows.append(f"EP - BPTT = {summary['ep_minus_bptt']:+.4f} (target <= {EP_TARGET}: {verdict})")
-    return "\n".join(rows)
+from ept.data import DataError
+from ept.presets import PRESETS
+from ept.train import MODES
 
 
 def _add_quality(parts: argparse._SubParsersAction) -> None:
@@ -75,6 +28,8 @@ def _add_quality(parts: argparse._SubParsersAction) -> None:
     q.add_argument("--preset", default="tiny", help=f"one of {', '.join(PRESETS)}")
     q.add_argument("--steps", type=int, default=None, help="steps per mode (default: the preset's)")
     q.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of ep,bptt,bp")
+    q.add_argument("--blocks", default="thick", help=f"comma-separated block variants: {', '.join(BLOCKS)} "
+                   "(or all); more than thick also probes each trained operator")
     q.add_argument("--out", default=None, help="keep each mode's run folder under this (new) folder")
     q.add_argument("--json", action="store_true", help="print the results as one last JSON line")
     q.set_defaults(part=run_quality)
@@ -87,15 +42,19 @@ def run_quality(args: argparse.Namespace) -> int:
         raise UsageError(f"--modes {args.modes!r}: choose from {', '.join(MODES)}")
     if args.steps is not None and args.steps <= 0:
         raise UsageError(f"--steps must be positive, got {args.steps}")
+    names = args.blocks.split(",") if args.blocks != "all" else list(BLOCKS)
+    blocks = tuple(b.strip() for b in names if b.strip())
+    if not blocks or any(b not in BLOCKS for b in blocks):
+        raise UsageError(f"--blocks {args.blocks!r}: choose from {', '.join(BLOCKS)}, or all")
     out = Path(args.out) if args.out else None
     if out is not None and out.exists() and any(out.iterdir()):
         raise UsageError(f"--out '{out}' is not empty: choose a new folder")
     try:
         summary = quality(args.preset, args.steps, modes, out,
-                          log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                          log=lambda msg: print(msg, file=sys.stderr, flush=True), blocks=blocks)
     except (DataError, ValueError) as e:
         raise UsageError(str(e)) from None
-    print(format_table(summary))
+    print(quality_table(summary))
     if args.json:
         print(json.dumps(summary))
     return 0
