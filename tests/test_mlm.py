@@ -137,6 +137,22 @@ def test_a_sequence_without_a_masked_token_contributes_nothing(problem, route):
         assert stats["dropped_seqs"] == 0  # left out of the nudge, not counted as dropped
 
 
+def test_dropping_an_unsettled_sequence_rescales_lambda_by_the_targets_left(problem, monkeypatch):
+    """λ is for the mean over the targets: the late sequence holds 8 of the 14, so the rescale is by
+    targets (14/6), not sequences (4/3)."""
+    model, idx, tgt, _ = problem
+    idx, tgt = torch.cat([idx, idx[:1]]), torch.cat([tgt, tgt[:1]])
+    tgt[1] = torch.randint(0, model.cfg.vocab_size, tgt[1].shape, generator=torch.Generator().manual_seed(5))
+    late = torch.tensor([False, True, False, False])
+    monkeypatch.setattr("ept.grad.ep.unsettled", lambda stats, cfg, n: late[:n])
+    grads, stats = ept.gradient(model, idx, tgt, route="ep", drop_unsettled=True, **EP_TIGHT)
+    monkeypatch.undo()
+    assert stats["kept"].tolist() == (~late).tolist()
+    ref, _ = ept.gradient(model, idx[~late], tgt[~late], route="ep", **EP_TIGHT)
+    cos, rel = cos_rel(grads, ref)
+    assert cos > 1 - 1e-9 and rel == pytest.approx(1.0, abs=1e-9)
+
+
 # ------------------------------------------------------------------------------- data and eval
 
 

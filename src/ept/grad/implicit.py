@@ -57,7 +57,7 @@ def implicit_gradient(
     the exact gradient at *that* equilibrium (a trained block can have several)."""
     x = model.inject(idx).detach()
     z_star, st = free_phase(model, x, solver, z0=z0)
-    g = loss_grad_z(model, z_star, targets)
+    g = loss_grad_z(model, z_star, targets)  # of the mean over the targets >= 0: ignored rows are 0
     if st.diverged:  # no fixed point, so no adjoint: the direct term only, flagged
         lam, adj = torch.zeros_like(g), {"adj_iters": 0, "adj_converged": False}
     else:
