@@ -251,3 +251,16 @@ def test_mono_relaxation_contracts_from_far_starts():
     ratio = ((step(z) - step(y)).norm() / (z - y).norm()).item()
     assert ratio <= 1 - 0.5 / 2 + 1e-12
     assert np.isfinite(ratio)
+
+
+def test_the_symmetric_fraction_is_one_on_the_energy_block_only():
+    from ept.diagnostics import symmetric_fraction
+
+    fractions = {}
+    for mode in ("energy", "thick"):
+        model = block_model(scale=3.0, attn_mode=mode, **BIDIR)
+        x = model.inject(batch(model, B=1)[0]).detach()
+        fractions[mode] = symmetric_fraction(model, x, equilibrium(model, x),
+                                             generator=torch.Generator().manual_seed(0))
+    assert fractions["energy"] == pytest.approx(1.0, abs=1e-12)
+    assert 0.5 < fractions["thick"] < 0.99

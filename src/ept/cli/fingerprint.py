@@ -18,7 +18,7 @@ from ept.config import RunConfig
 from ept.model import EquilibriumLM
 
 FINGERPRINT_KEYS = ("residual", "cos_ep_implicit", "cos_ep_bptt", "numerical_abscissa", "spectral_abscissa",
-                    "nonnormality", "rho_SinvA", "ftle", "val_ce")
+                    "nonnormality", "symmetric_fraction", "rho_SinvA", "ftle", "val_ce")
 
 
 def load_run(path: str) -> tuple[RunConfig, EquilibriumLM]:

@@ -25,6 +25,7 @@ from ept.diagnostics.operators import (
     numerical_abscissa,
     rho_SinvA,
     spectral_abscissa,
+    symmetric_fraction,
 )
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "numerical_abscissa",
     "operator_report",
     "rho_SinvA",
+    "symmetric_fraction",
     "spectral_abscissa",
     "training_diagnostics",
 ]

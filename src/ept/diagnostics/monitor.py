@@ -18,6 +18,7 @@ from ept.diagnostics.operators import (
     numerical_abscissa,
     rho_SinvA,
     spectral_abscissa,
+    symmetric_fraction,
 )
 from ept.grad.common import free_phase, n_targets
 from ept.model import EquilibriumLM
@@ -37,7 +38,7 @@ def operator_report(
     """The abscissas and non-normality of J at (x, z); ``full`` adds ρ(S⁻¹A) (inner solves: costly)."""
     out = dict.fromkeys(("numerical_abscissa", "spectral_abscissa", "spectral_imag", "nonnormality"), NAN)
     if full:
-        out["rho_SinvA"] = NAN
+        out["rho_SinvA"] = out["symmetric_fraction"] = NAN
     if not bool(torch.isfinite(z).all()):  # a blown-up free phase has no operator worth probing
         return out
     out["numerical_abscissa"] = numerical_abscissa(model, x, z, dense_max=dense_max, tol=tol)
@@ -46,6 +47,8 @@ def operator_report(
     out["nonnormality"] = nonnormality(model, x, z, probes=2, generator=torch.Generator().manual_seed(seed))
     if full:
         out["rho_SinvA"] = rho_SinvA(model, x, z, dense_max=dense_max, tol=tol)
+        out["symmetric_fraction"] = symmetric_fraction(model, x, z, probes=2,
+                                                       generator=torch.Generator().manual_seed(seed))
     return out
 
 

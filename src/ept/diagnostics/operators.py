@@ -180,6 +180,22 @@ def nonnormality(
     return math.sqrt(num / max(den, 1e-300))
 
 
+def symmetric_fraction(
+    model: EquilibriumLM, x: Tensor, z: Tensor, probes: int = 4, generator: torch.Generator | None = None
+) -> float:
+    """‖S‖/(‖S‖ + ‖A‖) in the Frobenius norm, S and A the symmetric and antisymmetric parts of J:
+    1 for a conservative block (F = −∇E), 1/2 where rotation is as strong as damping. Estimated by
+    Gaussian probes, as :func:`nonnormality`."""
+    ops = JacobianOps(model, x, z)
+    s2 = a2 = 0.0
+    for v in _probes(z, probes, generator):
+        jv, jtv = ops.J(v), ops.JT(v)
+        s2 += torch.linalg.vector_norm(0.5 * (jv + jtv)).item() ** 2
+        a2 += torch.linalg.vector_norm(0.5 * (jv - jtv)).item() ** 2
+    s, a = math.sqrt(s2), math.sqrt(a2)
+    return s / max(s + a, 1e-300)
+
+
 def nonnormality_dense(jac: Tensor) -> float:
     """||J-Jᵀ||_F / ||J||_F of an explicit (block-stacked) Jacobian."""
     jt = jac.transpose(-1, -2)
