@@ -264,3 +264,11 @@ def test_the_symmetric_fraction_is_one_on_the_energy_block_only():
                                              generator=torch.Generator().manual_seed(0))
     assert fractions["energy"] == pytest.approx(1.0, abs=1e-12)
     assert 0.5 < fractions["thick"] < 0.99
+
+
+def test_the_energy_report_sees_the_lyapunov_descent_from_the_blocks_start(energy_model):
+    from ept.diagnostics.energy import energy_report
+
+    x = energy_model.inject(batch(energy_model)[0]).detach()
+    assert energy_report(energy_model, x, eps=0.1, steps=100)["energy_falls"]
+    assert not energy_report(energy_model, x, eps=1.5, steps=20)["energy_falls"]  # past the stiff end

@@ -117,7 +117,10 @@ class EquilibriumLM(nn.Module):
         ce = analytic.logsumexp(logits) - picked
         return ce.mean() if bool(keep.all()) else (ce * keep).sum() / keep.sum().clamp_min(1)
 
-    def free_state(self, idx: Tensor) -> Tensor:
-        """The relaxation's starting point z₀ = 0 (a warm start can replace it)."""
-        B, T = idx.shape
-        return torch.zeros(B, T, self.cfg.C, dtype=self.wte.weight.dtype, device=idx.device)
+    def start(self, x: Tensor) -> Tensor:
+        """The relaxation's starting point (a warm start can replace it): 0, or for the energy block
+        x/(1+c), the minimum of its quadratic part. At z = 0 every LayerNorm sees σ → √eps, and the
+        energy's force carries LayerNorm's Jacobian (1/σ, ~300): a plain step from there overshoots."""
+        if self.cfg.attn_mode == "energy":
+            return x.detach() / (1.0 + self.cfg.c)
+        return torch.zeros_like(x)

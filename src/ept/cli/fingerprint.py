@@ -19,6 +19,7 @@ from ept.model import EquilibriumLM
 
 FINGERPRINT_KEYS = ("residual", "cos_ep_implicit", "cos_ep_bptt", "numerical_abscissa", "spectral_abscissa",
                     "nonnormality", "symmetric_fraction", "rho_SinvA", "ftle", "val_ce")
+ENERGY_KEYS = ("energy_end", "energy_max_rise", "energy_falls")  # the energy block's, along plain relaxation
 
 
 def load_run(path: str) -> tuple[RunConfig, EquilibriumLM]:
@@ -67,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"the validation split is shorter than one window of T={cfg.model.T}: use more data")
     fp = fingerprint(model, batches, ep_options(cfg), max_seqs=args.max_seqs)
     print(f"fingerprint of {args.ckpt} (C={cfg.model.C} T={cfg.model.T} c={cfg.model.c})")
-    for key in FINGERPRINT_KEYS:
+    for key in FINGERPRINT_KEYS + tuple(k for k in ENERGY_KEYS if k in fp):
         print(f"  {key:<20} {fp[key]: .6g}")
     if args.json:
         print(json.dumps({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in fp.items()}))

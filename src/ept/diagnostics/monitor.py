@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ept.config import SolverConfig
+from ept.diagnostics.energy import energy_report
 from ept.diagnostics.fidelity import SOLVER_FIELDS, fidelity_report
 from ept.diagnostics.operators import (
     DENSE_MAX,
@@ -213,6 +214,8 @@ def fingerprint(
             out.update(operator_report(model, x, z, full=True, dense_max=dense_max))
             out["ftle"] = ftle(model, x, steps=max(solver.T1, 50), eps=solver.eps,
                                generator=torch.Generator().manual_seed(0))
+            if model.cfg.attn_mode == "energy":  # the Lyapunov check, at a step below the stiff end
+                out.update(energy_report(model, x, eps=0.1, steps=100))
             losses.append(out["loss"])
         else:
             with torch.no_grad():

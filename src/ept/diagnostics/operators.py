@@ -244,7 +244,7 @@ def ftle(
     comparable to the spectral abscissa: negative means nearby trajectories converge.
     """
     x = x.detach()
-    z = torch.zeros_like(x) if z0 is None else z0.detach()
+    z = model.start(x) if z0 is None else z0.detach()
     d = _probes(z, 1, generator)[0]
     d = d / torch.linalg.vector_norm(d)
     log_growth = 0.0

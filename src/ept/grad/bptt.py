@@ -18,7 +18,7 @@ def bptt_gradient(
 ) -> tuple[Grads, dict[str, Any]]:
     with torch.enable_grad():
         x = model.inject(idx)
-        z = torch.zeros_like(x)
+        z = model.start(x)
         start = None
         for _ in range(cfg.T1):
             fz = model.field(z, x)

@@ -21,7 +21,7 @@ def free_phase(
     Sequences that converge stop there while the slower ones go on, on a sub-batch.
     """
     x = x.detach()
-    start = torch.zeros_like(x) if z0 is None else z0.detach()
+    start = model.start(x) if z0 is None else z0.detach()
     with torch.no_grad():
         return relax(RowwiseField(model.field, (x,)), start, cfg)
 
