@@ -105,8 +105,10 @@ def test_parameter_ema_ramps_then_tracks() -> None:
     assert other.updates == 1 and torch.equal(other.weights()["weight"], ema.weights()["weight"])
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(tokens, tmp_path) -> None:
-    cfg = small_cfg(tokens, resreg=0.1)  # the controller's state must resume too
+@pytest.mark.parametrize("block", [{}, {"attn_mode": "energy", "kappa": 0.5}, {"attn_mode": "mono"}],
+                         ids=["thick", "energy_kappa05", "mono"])
+def test_resume_is_bit_identical_to_an_uninterrupted_run(tokens, tmp_path, block) -> None:
+    cfg = small_cfg(tokens, resreg=0.1, **block)  # the controller's state must resume too
     straight, split = tmp_path / "straight", tmp_path / "split"
     straight.mkdir()
     split.mkdir()
