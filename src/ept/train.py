@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -29,7 +30,15 @@ from ept.baseline import bp_gradient
 from ept.checkpoint import CONFIG_FILE, TOKENIZER_FILE
 from ept.config import MODES as MODES  # re-exported: the routes a run trains with
 from ept.config import ControlConfig, RunConfig, TrainConfig
-from ept.data import EVAL_MASK_SEED, TokenData, get_batch, get_mlm_batch, mlm_eval_windows, save_tokenizer
+from ept.data import (
+    EVAL_MASK_SEED,
+    TokenData,
+    get_batch,
+    get_mlm_batch,
+    mlm_eval_windows,
+    save_tokenizer,
+    token_chars,
+)
 from ept.evaluate import Predictor, fill_masks, generate, render_fill, unigram_ce, validation
 from ept.grad import gradient
 from ept.model import EquilibriumLM
@@ -296,9 +305,11 @@ def rollback_point(s: Session, devices: AnalogSession | None) -> dict[str, Any]:
     return st
 
 
-def _evaluate(s: Session, data: TokenData, max_batches: int | None) -> dict[str, Any]:
-    """Val CE: next-token for an LM, masked-token for an MLM (fixed masks, so evaluations compare)."""
-    return validation(eval_model(s), data.valid, s.cfg, max(s.cfg.train.B, 32), max_batches)
+def _evaluate(s: Session, data: TokenData, max_batches: int | None,
+              chars: np.ndarray | None = None) -> dict[str, Any]:
+    """Val CE: next-token for an LM, masked-token for an MLM (fixed masks, so evaluations compare);
+    ``chars`` adds nats per character."""
+    return validation(eval_model(s), data.valid, s.cfg, max(s.cfg.train.B, 32), max_batches, chars)
 
 
 def sample_text(s: Session, data: TokenData) -> str:
@@ -320,7 +331,7 @@ def _finish(
     s: Session, data: TokenData, run: Path | None, metrics: MetricsLog, log: Callable[[str], None]
 ) -> dict[str, Any]:
     """Whole-split val CE, a text sample, the curves PNG."""
-    final = _evaluate(s, data, None)
+    final = _evaluate(s, data, None, token_chars(data.tokenizer))
     metrics.write({"step": s.state.step, "event": "final", **final})
     text = sample_text(s, data)
     what = "masked-token CE" if s.cfg.model.objective == "mlm" else "val CE"
@@ -461,6 +472,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
     if summary["finished"]:
         final = _finish(s, data, run, metrics, log)
         summary.update(val_ce=final["val_ce"], tokens=final["tokens"], sample=final["sample"],
+                       nats_per_char=final["nats_per_char"],
                        unigram_ce=unigram_ce(data.train, data.valid, data.vocab_size))
     if devices is not None:
         summary.update(run_summary(devices.ledger))
