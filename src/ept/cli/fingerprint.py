@@ -35,14 +35,18 @@ def load_run(path: str) -> tuple[RunConfig, EquilibriumLM]:
 
 
 def valid_batches(cfg: Any, B: int, n: int) -> list:
-    """The first ``n`` full (B, T) windows of the run's validation split."""
-    from ept.data import DataError, eval_windows, load_corpus, prepare
+    """The first ``n`` full (B, T) windows of the run's validation split (an MLM run's masked as
+    its evaluation masks them)."""
+    from ept.data import DataError, eval_windows, load_corpus, mlm_eval_windows, prepare
 
     try:
         data = prepare(load_corpus(cfg.data.data), cfg.model.vocab_size)
     except DataError as err:
         raise UsageError(str(err)) from None
-    windows = (w for w in eval_windows(data.valid, cfg.model.T, B) if w[0].shape[1] == cfg.model.T)
+    m = cfg.model
+    every = (mlm_eval_windows(data.valid, m.T, B, cfg.train.mask_rate, m.vocab_size) if m.objective == "mlm"
+             else eval_windows(data.valid, m.T, B))
+    windows = (w for w in every if w[0].shape[1] == m.T)
     return list(itertools.islice(windows, n))
 
 
