@@ -17,9 +17,10 @@ from ept.model import EquilibriumLM
 
 def energy_trace(model: EquilibriumLM, x: Tensor, eps: float = 0.5, steps: int = 50,
                  z0: Tensor | None = None) -> Tensor:
-    """E per sequence at each of ``steps`` plain relaxation steps from ``z0`` (the model's start):
-    (steps + 1, B)."""
-    z = model.start(x) if z0 is None else z0
+    """E per sequence at each of ``steps`` plain relaxation steps from ``z0``: (steps + 1, B)."""
+    # From x/(1+c), the quadratic part's minimum: at z = 0 every LayerNorm sees σ → √eps and the
+    # energy's force carries LayerNorm's Jacobian (1/σ, ~300), so no small step is small enough there.
+    z = x / (1.0 + model.cfg.c) if z0 is None else z0
     trace = []
     with torch.no_grad():
         for _ in range(steps):
