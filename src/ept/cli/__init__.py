@@ -9,7 +9,8 @@ import sys
 
 # Subcommand modules, in the order ``ept --help`` lists them. A module that is missing (a partial
 # install) is skipped rather than breaking the whole command.
-SUBCOMMANDS = ("train", "eval", "generate", "gradcheck", "bench", "fingerprint", "spectrum", "plot")
+SUBCOMMANDS = ("train", "eval", "generate", "gradcheck", "bench", "experiment", "fingerprint", "spectrum",
+               "plot")
 
 
 class UsageError(Exception):

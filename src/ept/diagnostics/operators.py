@@ -203,20 +203,27 @@ def nonnormality_dense(jac: Tensor) -> float:
 
 
 def rho_SinvA(
-    model: EquilibriumLM, x: Tensor, z: Tensor, dense_max: int = DENSE_MAX, tol: float = 1e-10
+    model: EquilibriumLM, x: Tensor, z: Tensor, dense_max: int = DENSE_MAX, tol: float = 1e-10,
+    shift: float = 0.0,
 ) -> float:
     """ρ(S⁻¹A): how strongly the antisymmetric (rotating) part dominates the symmetric (damping) one.
 
     With S negative definite the eigenvalues of S⁻¹A are ±iμ and J = S(I + S⁻¹A): μ ≫ 1 means
     eigenvalues of J with large imaginary parts, an oscillating relaxation, the road to Hopf.
     Matrix-free: Arnoldi on v ↦ S⁻¹Av with MINRES inner solves (S is symmetric, maybe indefinite).
+    ``shift`` measures S − shift·I instead: the same operator at the same state with its damping
+    raised by ``shift``.
     """
     if _use_dense(z, dense_max):
         jac = dense_blocks(model, x, z).to(torch.float64)
         s, a = 0.5 * (jac + jac.transpose(1, 2)), 0.5 * (jac - jac.transpose(1, 2))
+        s = s - shift * torch.eye(s.shape[-1], dtype=s.dtype)
         return torch.linalg.eigvals(torch.linalg.solve(s, a)).abs().max().item()
     ops = JacobianOps(model, x, z, linearize=True)
     s_op, a_op = ops.linear_operator("S"), ops.linear_operator("A")
+    if shift:
+        base = s_op
+        s_op = LinearOperator(base.shape, matvec=lambda v: base.matvec(v) - shift * v, dtype=np.float64)
 
     def s_inv_a(v: np.ndarray) -> np.ndarray:
         sol, _ = minres(s_op, a_op.matvec(v), rtol=max(tol * 1e-2, 1e-13), maxiter=10 * ops.n)
