@@ -98,7 +98,7 @@ def reading(rows: list[dict[str, Any]]) -> str:
             f"{1 - lo['cos_ep_implicit']:.2g} → {1 - hi['cos_ep_implicit']:.2g}.")
 
 
-DAMPING = Experiment(
+EXPERIMENT = Experiment(
     name="damping", question="does damping buy EP-validity (ρ(S⁻¹A) < 1) by scaling, and at what loss?",
     sweep="c", run=run, plot=plot, reading=reading,
     columns=("seed", "val_ce_ep", "val_ce_bptt", "rho_SinvA", "rho_SinvA_fixed", "numerical_abscissa",
