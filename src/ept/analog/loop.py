@@ -40,15 +40,11 @@ def ep_lambda_from_reads(z_beta: Tensor, z_star: Tensor, ep: EPConfig, n_tokens:
     return contour_estimate(z_beta, zs, w, S) / max(n_tokens, 1)
 
 
-def analog_step(
-    substrate: Substrate,
-    idx: Tensor,
-    targets: Tensor,
-    optimizer: torch.optim.Optimizer,
-    ep: EPConfig,
-    ledger: WriteLedger | None = None,
-) -> StepReport:
-    """One EP step. ``optimizer`` must hold the tensors of ``substrate.parameters()``."""
+def analog_gradient(
+    substrate: Substrate, idx: Tensor, targets: Tensor, ep: EPConfig
+) -> tuple[dict[str, Tensor], float, dict[str, Any]]:
+    """EP's gradient as the substrate measures it: both phases settled and read through its
+    periphery, λ from the reads, the local updates. (grads, loss, stats); nothing is written."""
     free = substrate.settle(idx)
     z_star = substrate.read(free)
     betas, weights = contour(ep)
@@ -62,6 +58,19 @@ def analog_step(
         "free_converged": free.stats.converged, "T2": nudged.stats.fevals,
         "diverged": free.stats.diverged or nudged.stats.diverged or not finite,
     }
+    return grads, loss, stats
+
+
+def analog_step(
+    substrate: Substrate,
+    idx: Tensor,
+    targets: Tensor,
+    optimizer: torch.optim.Optimizer,
+    ep: EPConfig,
+    ledger: WriteLedger | None = None,
+) -> StepReport:
+    """One EP step. ``optimizer`` must hold the tensors of ``substrate.parameters()``."""
+    grads, loss, stats = analog_gradient(substrate, idx, targets, ep)
     if stats["diverged"]:
         return StepReport(loss, False, grads, {}, stats)
     params = substrate.parameters()
