@@ -8,7 +8,9 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ept.cli import UsageError
 
@@ -25,12 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes and a few steps (a test, not a result)")
     p.add_argument("--runs", nargs="*", default=[], help="trained run folders to reuse")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training run")
+    p.add_argument("--render", action="store_true",
+                   help="redraw DIR/NAME.png and DIR/NAME.md from DIR/NAME.json, training nothing")
     p.add_argument("--json", action="store_true", help="print the record as one last JSON line")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ept.experiments import EXPERIMENTS, ExperimentConfig, ExperimentError, write_outputs
+    from ept.experiments import EXPERIMENTS, ExperimentConfig, ExperimentError, render, write_outputs
 
     if args.name not in EXPERIMENTS:
         raise UsageError(f"unknown experiment {args.name!r}: choose one of {', '.join(EXPERIMENTS)}")
@@ -45,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--runs {r}: holds no ept run (no config.json): give an 'ept train --out' "
                              "folder")
     exp = EXPERIMENTS[args.name]
+    if args.render:
+        return _render(exp, Path(args.out), args.json, render)
     cfg = ExperimentConfig(out=Path(args.out), seeds=seeds, steps=args.steps, quick=args.quick,
                            runs=tuple(Path(r) for r in args.runs), threads=args.threads,
                            log=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -58,5 +64,23 @@ def run(args: argparse.Namespace) -> int:
     record = write_outputs(exp, cfg, rows, time.time() - t0, command)
     print((cfg.out / f"{exp.name}.md").read_text())
     if args.json:
+        print(json.dumps(record))
+    return 0
+
+
+def _render(exp: Any, out: Path, as_json: bool, render: Callable[..., None]) -> int:
+    """Redraw NAME.png and NAME.md from NAME.json."""
+    path = out / f"{exp.name}.json"
+    try:
+        record = json.loads(path.read_text())
+        if record.get("experiment") != exp.name or not isinstance(record.get("rows"), list):
+            raise ValueError
+    except FileNotFoundError:
+        raise UsageError(f"--render: no {path}: run 'ept experiment {exp.name} --out {out}' first") from None
+    except ValueError:
+        raise UsageError(f"--render: {path} is not a record of the {exp.name} experiment") from None
+    render(exp, record, out)
+    print((out / f"{exp.name}.md").read_text())
+    if as_json:
         print(json.dumps(record))
     return 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from ept.experiments.common import Experiment, ExperimentConfig, ExperimentError, write_outputs
+from ept.experiments.common import Experiment, ExperimentConfig, ExperimentError, render, write_outputs
 
 MODULES = ("damping", "asymmetry", "attention", "horizon", "fidelity", "noise", "crux")
 
@@ -26,4 +26,4 @@ def _registry() -> dict[str, Experiment]:
 
 EXPERIMENTS: dict[str, Experiment] = _registry()
 
-__all__ = ["EXPERIMENTS", "Experiment", "ExperimentConfig", "ExperimentError", "write_outputs"]
+__all__ = ["EXPERIMENTS", "Experiment", "ExperimentConfig", "ExperimentError", "render", "write_outputs"]

@@ -170,6 +170,16 @@ def table(exp: Experiment, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def render(exp: Experiment, record: dict[str, Any], out: Path) -> None:
+    """NAME.png and NAME.md from a record: a plot or a reading can change without retraining."""
+    rows = record["rows"]
+    exp.plot(rows, out / f"{exp.name}.png")
+    md = (f"# {exp.name}: {exp.question}\n\n    {record['command']}\n\n{record['date']}, commit "
+          f"{record['commit']}, {record['machine']}, {record['wall_s']} s.\n\n{table(exp, rows)}\n\n"
+          f"{exp.reading(rows)}\n")
+    (out / f"{exp.name}.md").write_text(md)
+
+
 def write_outputs(exp: Experiment, cfg: ExperimentConfig, rows: list[dict[str, Any]], wall: float,
                   command: str) -> dict[str, Any]:
     """NAME.json (every number, with config, seeds, commit, machine, wall time), NAME.png, NAME.md."""
@@ -180,8 +190,5 @@ def write_outputs(exp: Experiment, cfg: ExperimentConfig, rows: list[dict[str, A
               "machine": _machine(), "date": time.strftime("%Y-%m-%d"), "wall_s": round(wall, 1),
               "rows": rows}
     (cfg.out / f"{exp.name}.json").write_text(json.dumps(record, indent=1) + "\n")
-    exp.plot(rows, cfg.out / f"{exp.name}.png")
-    md = (f"# {exp.name}: {exp.question}\n\n    {command}\n\n{record['date']}, commit {record['commit']}, "
-          f"{record['machine']}, {record['wall_s']} s.\n\n{table(exp, rows)}\n\n{exp.reading(rows)}\n")
-    (cfg.out / f"{exp.name}.md").write_text(md)
+    render(exp, record, cfg.out)
     return record
