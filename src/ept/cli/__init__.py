@@ -10,7 +10,7 @@ import sys
 # Subcommand modules, in the order ``ept --help`` lists them. A module that is missing (a partial
 # install) is skipped rather than breaking the whole command.
 SUBCOMMANDS = ("train", "eval", "generate", "gradcheck", "bench", "experiment", "fingerprint", "spectrum",
-               "plot")
+               "plot", "cost")
 
 
 class UsageError(Exception):
