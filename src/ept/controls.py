@@ -28,6 +28,7 @@ from torch import Tensor
 
 from ept.config import ControlConfig
 from ept.diagnostics.operators import JacobianOps
+from ept.distributed import SINGLE, Group
 from ept.grad.common import Grads, param_grads
 from ept.model import EquilibriumLM
 
@@ -78,11 +79,22 @@ def top_symmetric_eig(
 class Controller:
     """Holds the adaptive jacreg weight, the eigreg warm start and the probe generator."""
 
-    def __init__(self, cfg: ControlConfig):
+    def __init__(self, cfg: ControlConfig, group: Group = SINGLE, rows: slice | None = None,
+                 global_rows: int = 0):
         self.cfg = cfg
         self.jr_weight = min(max(cfg.jacreg, cfg.jr_floor), cfg.jr_max) if cfg.jacreg > 0 else 0.0
         self.generator = torch.Generator().manual_seed(cfg.seed)
-        self.eig_u: Tensor | None = None
+        self.eig_u: Tensor | None = None  # under data parallelism: the whole global batch's
+        # Data parallelism: this rank's rows of the global batch. Probes are drawn for the whole
+        # batch and sliced, so they, the generator and eig_u do not depend on the number of ranks.
+        self.group, self.rows, self.global_rows = group, rows, global_rows
+
+    def _randn(self, like: Tensor) -> Tensor:
+        """A float64 normal draw shaped like ``like`` (this rank's rows of a global-batch draw)."""
+        if self.rows is None:
+            return torch.randn(like.shape, generator=self.generator, dtype=torch.float64).to(like)
+        full = torch.randn((self.global_rows, *like.shape[1:]), generator=self.generator, dtype=torch.float64)
+        return full[self.rows].to(like)
 
     # -- the jacreg controller ------------------------------------------------------------
     def update_weight(self, residual: float | None) -> float:
@@ -98,14 +110,17 @@ class Controller:
 
     # -- eigreg's eigenvector ---------------------------------------------------------------
     def _eig_start(self, z: Tensor) -> Tensor:
-        if self.eig_u is not None and self.eig_u.shape == z.shape:
-            return self.eig_u.to(z)
-        return torch.randn(z.shape, generator=self.generator, dtype=torch.float64).to(z)
+        u = self.eig_u
+        if u is not None and self.rows is not None and u.shape[0] == self.global_rows:
+            u = u[self.rows]
+        if u is not None and u.shape == z.shape:
+            return u.to(z)
+        return self._randn(z)
 
     def top_eigvec(self, model: EquilibriumLM, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         ops = JacobianOps(model, x, z)
         theta, u = top_symmetric_eig(ops.S, self._eig_start(z), self.cfg.eig_iters, self.generator)
-        self.eig_u = u.detach().clone()
+        self.eig_u = u.detach().clone() if self.rows is None else self.group.all_gather(u.detach())
         return theta, u
 
     # -- the penalties ---------------------------------------------------------------------
@@ -154,7 +169,7 @@ class Controller:
         leak = 1.0 + model.cfg.c
         total = fz.new_zeros(())
         for _ in range(self.cfg.hutch):
-            e = torch.randn(zr.shape, generator=self.generator, dtype=torch.float64).to(zr)
+            e = self._randn(zr)
             (jt_e,) = torch.autograd.grad((fz * e).sum(), zr, create_graph=True)
             total = total + (jt_e + leak * e).pow(2).sum()
         return total / (self.cfg.hutch * zr.numel())

@@ -39,8 +39,10 @@ from ept.data import (
     save_tokenizer,
     token_chars,
 )
+from ept.distributed import SINGLE, Group, ParallelConfigError, all_reduce_grads, reduce_stats, shard
 from ept.evaluate import Predictor, fill_masks, generate, render_fill, unigram_ce, validation
 from ept.grad import gradient
+from ept.grad.common import n_targets
 from ept.model import EquilibriumLM
 from ept.optim import ParamEMA, build_optimizer, set_lr, wsd_factor
 from ept.plots import plot_curves
@@ -90,9 +92,10 @@ class Session:
     batches: torch.Generator
     state: TrainState
     masks: torch.Generator  # the masked positions of an MLM run's batches (drawn apart from the windows)
+    group: Group = SINGLE  # data parallelism: this rank's slice of each global batch
 
 
-def build_session(cfg: RunConfig) -> Session:
+def build_session(cfg: RunConfig, group: Group = SINGLE) -> Session:
     torch.manual_seed(cfg.train.seed)
     model = EquilibriumLM(cfg.model)
     t = cfg.train
@@ -102,10 +105,11 @@ def build_session(cfg: RunConfig) -> Session:
     if any(float(v) > 0 for k, v in cfg.control.items() if k in ("resreg", "jacreg", "eigreg")):
         from ept.controls import Controller  # only runs that use a control need it
 
-        controller = Controller(ControlConfig.from_dict(cfg.control))
+        rows = shard(t.B, group) if group.world > 1 else None
+        controller = Controller(ControlConfig.from_dict(cfg.control), group, rows, t.B)
     batches = torch.Generator().manual_seed(t.seed + 1)
     masks = torch.Generator().manual_seed(t.seed + 2)
-    return Session(cfg, model, optimizer, ema, controller, batches, TrainState(), masks)
+    return Session(cfg, model, optimizer, ema, controller, batches, TrainState(), masks, group)
 
 
 def session_state(s: Session) -> dict[str, Any]:
@@ -137,27 +141,53 @@ def load_session_state(s: Session, st: dict[str, Any]) -> None:
 
 def next_batch(s: Session, data: TokenData) -> tuple[Tensor, Tensor]:
     """The next training batch: (window, next tokens) for an LM; for an MLM (masked window, the
-    masked tokens themselves, -100 elsewhere)."""
+    masked tokens themselves, -100 elsewhere). Every rank draws the whole global batch (so the
+    generators stay identical) and keeps its own rows."""
     m, t = s.cfg.model, s.cfg.train
     if m.objective == "mlm":
-        return get_mlm_batch(data.train, t.B, m.T, s.batches, s.masks, t.mask_rate, m.vocab_size)
-    return get_batch(data.train, t.B, m.T, s.batches)
+        idx, targets = get_mlm_batch(data.train, t.B, m.T, s.batches, s.masks, t.mask_rate, m.vocab_size)
+    else:
+        idx, targets = get_batch(data.train, t.B, m.T, s.batches)
+    if s.group.world == 1:
+        return idx, targets
+    rows = shard(t.B, s.group)
+    return idx[rows], targets[rows]
 
 
 def step_gradient(s: Session, idx: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """The route's gradient plus any control penalty's; stats hold floats and bools only."""
-    cfg = s.cfg
+    """The route's gradient plus any control penalty's; stats hold floats and bools only.
+
+    Under data parallelism the stats are the global batch's (:func:`ept.distributed.reduce_stats`)
+    and the gradient is reduced over ranks: the route's weighted by each rank's share of the kept
+    targets, a penalty's (a mean over sequences) by its share of the rows.
+    """
+    cfg, group = s.cfg, s.group
     if cfg.train.mode == "bp":
-        return bp_gradient(s.model, idx, targets, cfg.train.layers)
-    grads, stats = gradient(s.model, idx, targets, route=cfg.train.mode, **grad_options(cfg))
-    z_star = stats.pop("z_star")
-    stats.pop("lam", None)
-    stats.pop("kept", None)
-    if s.controller is not None and not stats["diverged"]:
+        grads, stats = bp_gradient(s.model, idx, targets, cfg.train.layers)
+        z_star, kept_targets = None, n_targets(targets)
+    else:
+        grads, stats = gradient(s.model, idx, targets, route=cfg.train.mode, group=group, **grad_options(cfg))
+        z_star = stats.pop("z_star")
+        stats.pop("lam", None)
+        stats.pop("kept", None)
+        kept_targets = stats.pop("kept_targets", n_targets(targets))
+    if group.world > 1:
+        local = {**stats, "kept_targets": kept_targets}
+        stats = reduce_stats(local, group, idx.shape[0], n_targets(targets))
+        total = stats.pop("kept_targets")
+        if not stats["diverged"]:  # a diverged step is rolled back on every rank: nothing to reduce
+            grads = {k: g * (kept_targets / total) for k, g in grads.items()}
+    if s.controller is not None and z_star is not None and not stats["diverged"]:
         x = s.model.inject(idx).detach()
         extra, logs = s.controller.penalty_grads(s.model, x, z_star, stats)
+        if group.world > 1:
+            share = idx.shape[0] / cfg.train.B
+            extra = {k: g * share for k, g in extra.items()}
+            logs = reduce_stats(logs, group, idx.shape[0], n_targets(targets))
         grads = {k: g + extra[k] if k in extra else g for k, g in grads.items()}
         stats.update(logs)
+    if group.world > 1 and not stats["diverged"]:
+        grads = all_reduce_grads(grads, 1.0, group)
     return grads, stats
 
 
@@ -248,6 +278,10 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _silent(msg: str) -> None:  # the log of a rank other than 0
+    return None
+
+
 Update = Callable[[EquilibriumLM, torch.optim.Optimizer, dict[str, Tensor], float, float], float]
 
 
@@ -308,8 +342,12 @@ def rollback_point(s: Session, devices: AnalogSession | None) -> dict[str, Any]:
 def _evaluate(s: Session, data: TokenData, max_batches: int | None,
               chars: np.ndarray | None = None) -> dict[str, Any]:
     """Val CE: next-token for an LM, masked-token for an MLM (fixed masks, so evaluations compare);
-    ``chars`` adds nats per character."""
-    return validation(eval_model(s), data.valid, s.cfg, max(s.cfg.train.B, 32), max_batches, chars)
+    ``chars`` adds nats per character. Under data parallelism rank 0 evaluates (the weights are the
+    same on every rank) and the others receive its figures."""
+    out = None
+    if s.group.is_main:
+        out = validation(eval_model(s), data.valid, s.cfg, max(s.cfg.train.B, 32), max_batches, chars)
+    return s.group.broadcast(out)
 
 
 def sample_text(s: Session, data: TokenData) -> str:
@@ -333,7 +371,7 @@ def _finish(
     """Whole-split val CE, a text sample, the curves PNG."""
     final = _evaluate(s, data, None, token_chars(data.tokenizer))
     metrics.write({"step": s.state.step, "event": "final", **final})
-    text = sample_text(s, data)
+    text = sample_text(s, data) if s.group.is_main else ""
     what = "masked-token CE" if s.cfg.model.objective == "mlm" else "val CE"
     log(f"{what} {final['val_ce']:.4f} over {final['tokens']} tokens; sample:\n{text}")
     if run is not None:
@@ -359,7 +397,7 @@ def analog_session(s: Session, analog: AnalogConfig, update: Update | None = Non
 def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: bool = False,
           init_weights: dict[str, Tensor] | None = None, stop_after: int | None = None,
           log: Callable[[str], None] = _stderr, update: Update | None = None,
-          analog: AnalogConfig | None = None) -> dict[str, Any]:
+          analog: AnalogConfig | None = None, group: Group = SINGLE) -> dict[str, Any]:
     """Train (or, with ``resume``, continue the run in ``run``); returns the run summary.
 
     ``update`` is the optimizer step (default :func:`apply_update`; in an analog run, the digital
@@ -367,17 +405,27 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
     step (checkpointed, as an interruption would);
     the schedule still runs to ``cfg.train.steps``. ``analog`` runs the block on simulated devices
     (EP only; the summary gains the write ledger's figures; checkpoints hold the devices and the
-    ledger, so a resume must be given the run's own ``analog``).
+    ledger, so a resume must be given the run's own ``analog``). ``group`` trains data-parallel
+    (:mod:`ept.distributed`): each rank takes its slice of the global batch ``cfg.train.B``, the
+    ranks agree on every decision, and only rank 0 writes into ``run`` or logs.
     """
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    if group.world > 1:
+        if analog is not None:
+            raise ParallelConfigError("--analog under torchrun is not supported yet: the devices' read "
+                                      "noise would differ across ranks; train an analog run in one process")
+        shard(cfg.train.B, group)  # refuses a batch the ranks cannot split evenly
+        if not group.is_main:
+            log = _silent
+    out = run if group.is_main else None  # the folder this process writes into
     if analog is not None:
         if not analog.io.ideal:
             # The read and output noise set a floor on the residual (≈0.5 with aihwkit's periphery),
             # so only non-finite values roll an analog run back, and no sequence is dropped from EP.
             cfg.train = dataclasses.replace(cfg.train, div_res=math.inf)
             cfg.ep = dataclasses.replace(cfg.ep, drop_res=math.inf)
-    s, t = build_session(cfg), cfg.train
+    s, t = build_session(cfg, group), cfg.train
     if init_weights is not None and not resume:
         # Before the devices: they are programmed from the weights the run starts from.
         ckpt.load_weights_into(s.model, init_weights, "--init_ckpt")
@@ -400,7 +448,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
         # Average from the weights the run starts from (the warm start, as the devices read it), not
         # from the random init the EMA was built on.
         s.ema = ParamEMA(s.model, t.pema)
-    metrics = MetricsLog(run, s.state.step if resume else None)
+    metrics = MetricsLog(out, s.state.step if resume else None)
     diagnose = None
     if t.diag_cos > 0:
         from ept.diagnostics import hopf_warning
@@ -411,7 +459,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
         first = _evaluate(s, data, t.eval_batches)
         first_val = last_val = first["val_ce"]
         metrics.write({"step": 0, **first})
-        note_val(s, first_val, run, devices)
+        note_val(s, first_val, out, devices)
     snapshot, base_seconds, t0 = rollback_point(s, devices), s.state.seconds, time.time()
     window: list[dict[str, Any]] = []
     tick, tick_step = time.time(), s.state.step
@@ -438,7 +486,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
         s.state.step += 1
         step = s.state.step
         window.append(stats)
-        if diagnose is not None and step % t.diag_cos == 0:
+        if diagnose is not None and step % t.diag_cos == 0 and group.is_main:
             diag = {"step": step, "event": "diag", **diagnose(s.model, idx, targets, ep_options(cfg))}
             metrics.write(diag)
             warn(watch, diag, metrics, log)
@@ -449,7 +497,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
         if step % t.eval_every == 0 or step == t.steps:
             last_val = _evaluate(s, data, t.eval_batches)["val_ce"]
             metrics.write({"step": step, "val_ce": last_val})
-            note_val(s, last_val, run, devices)
+            note_val(s, last_val, out, devices)
         if step % t.log_every == 0 or step == end:
             rec = window_record(window, step, lr, (step - tick_step) / max(time.time() - tick, 1e-9))
             metrics.write(rec)
@@ -459,8 +507,8 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
             tick, tick_step = time.time(), step
         if step % t.ckpt_every == 0 or step == end:
             s.state.seconds = base_seconds + time.time() - t0
-            if run is not None:
-                save(s, run, devices)
+            if out is not None:
+                save(s, out, devices)
         if step % t.log_every == 0 and s.state.bad_steps == 0:
             snapshot = rollback_point(s, devices)  # recent, and with a converging free phase
     s.state.seconds = base_seconds + time.time() - t0
@@ -470,7 +518,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
         "train_loss": next((r["loss"] for r in reversed(metrics.records) if "loss" in r), None),
     }
     if summary["finished"]:
-        final = _finish(s, data, run, metrics, log)
+        final = _finish(s, data, out, metrics, log)
         summary.update(val_ce=final["val_ce"], tokens=final["tokens"], sample=final["sample"],
                        nats_per_char=final["nats_per_char"],
                        unigram_ce=unigram_ce(data.train, data.valid, data.vocab_size))

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ept import checkpoint as ckpt
 from ept.analog import AnalogConfig
@@ -25,6 +29,7 @@ from ept.checkpoint import CONFIG_FILE
 from ept.cli import UsageError
 from ept.config import SECTIONS, RunConfig, section_flags
 from ept.data import DataError, TokenData, load_corpus, prepare
+from ept.distributed import Group, ParallelConfigError, PeerLost, init_from_env
 from ept.presets import PRESETS, SEED_FLAGS, resolve
 from ept.train import TrainingDiverged, train, write_run_files
 
@@ -281,6 +286,41 @@ def _say(msg: str) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+
+    group = init_from_env("cpu")
+    try:
+        return _run_train(args, group)
+    except PeerLost as e:
+        print(f"ept train: {e}; the last good checkpoint is intact: resume with --resume", file=sys.stderr)
+        return 1
+    finally:
+        group.close()
+
+
+def _on_main(group: Group, fn: Callable[[], Any]) -> None:
+    """Run ``fn`` on rank 0 only; a UsageError it raises is raised on every rank (no rank is left
+    waiting on a collective)."""
+    err = None
+    if group.is_main:
+        try:
+            fn()
+        except UsageError as e:
+            err = str(e)
+    err = group.broadcast(err)
+    if err is not None:
+        raise UsageError(err)
+
+
+def _same_data(group: Group, data: TokenData) -> None:
+    """Every rank must hold the tokens rank 0 holds (each prepares the corpus itself)."""
+    digest = hashlib.sha256(np.ascontiguousarray(data.train).tobytes()).hexdigest()
+    if group.broadcast(digest) != digest:
+        raise UsageError(f"rank {group.rank} tokenised the corpus differently from rank 0: give every rank "
+                         "the same --data and ept version")
+
+
+def _run_train(args: argparse.Namespace, group: Group) -> int:
+    log = _say if group.is_main else (lambda msg: None)
     flags = _given(args)
     seed_folder = seed_run_folder(flags.get("ckpt"), flags.get("state"))
     if seed_folder is not None and "out" in flags and Path(flags["out"]) != seed_folder:
@@ -300,7 +340,7 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = resume_overrides(open_resume_folder(resume_dir), flags)
         analog = analog_from_args(args, cfg, resuming=True)
         run = resume_dir
-        data = load_data(cfg, _say)
+        data = load_data(cfg, log)
         if data.key != cfg.data.key:
             raise UsageError(
                 f"the data of run '{run}' ({cfg.data.data or 'embedded Shakespeare'}) changed since it "
@@ -312,13 +352,16 @@ def run_train(args: argparse.Namespace) -> int:
         analog = analog_from_args(args, cfg, resuming=False)
         cfg.analog = None if analog is None else analog.to_dict()  # what a --resume rebuilds the devices from
         run = out or Path("runs") / f"{cfg.preset}-{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
-        open_new_folder(run)
-        data = load_data(cfg, _say)
+        run = Path(group.broadcast(str(run)))  # the clock may tick between ranks
+        _on_main(group, lambda: open_new_folder(run))
+        data = load_data(cfg, log)
         cfg.model = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
         cfg.data.key = data.key
         weights = init_weights(flags["init_ckpt"], data.key) if "init_ckpt" in flags else None
-        write_run_files(run, cfg, data)
-    _say(
+        _on_main(group, lambda: write_run_files(run, cfg, data))
+    if group.world > 1:
+        _same_data(group, data)
+    log(
         f"run folder {run}: {cfg.train.mode} C={cfg.model.C} H={cfg.model.H} T={cfg.model.T} "
         f"B={cfg.train.B} vocab={cfg.model.vocab_size} steps={cfg.train.steps} ({data.source})"
     )
@@ -330,19 +373,25 @@ def run_train(args: argparse.Namespace) -> int:
             resume=resume_dir is not None,
             init_weights=weights,
             stop_after=flags.get("stop_after"),
-            log=_say,
+            log=log,
             analog=analog,
+            group=group,
         )
     except ckpt.CheckpointError as e:
         raise UsageError(str(e)) from None
     except TrainingDiverged as e:
-        print(f"ept train: {e}", file=sys.stderr)
+        if group.is_main:
+            print(f"ept train: {e}", file=sys.stderr)
         return 1
+    except ParallelConfigError as e:  # e.g. --B not divisible by the ranks
+        raise UsageError(str(e)) from None
     except KeyboardInterrupt:
         print(f"ept train: interrupted; continue with: ept train --resume {run}", file=sys.stderr)
         return 130
     summary.pop("model", None)
     summary.pop("sample", None)
+    if not group.is_main:
+        return 0
     summary["run"] = str(run)
     val = summary["val_ce"]
     what = "masked-token CE" if cfg.model.objective == "mlm" else "val CE"

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ept.config import BPTTConfig, EPConfig, ImplicitConfig, SolverConfig, unknown_option_error
+from ept.distributed import SINGLE, Group
 from ept.grad.bptt import bptt_gradient
 from ept.grad.common import Grads
 from ept.grad.ep import ep_gradient
@@ -69,7 +70,8 @@ def split_options(route: str, opts: dict[str, Any]) -> tuple[SolverConfig | None
 
 
 def gradient(
-    model: EquilibriumLM, idx: Tensor, targets: Tensor, route: str = "ep", **opts: Any
+    model: EquilibriumLM, idx: Tensor, targets: Tensor, route: str = "ep", *, group: Group = SINGLE,
+    **opts: Any
 ) -> tuple[Grads, dict[str, Any]]:
     """The loss gradient by the named route, and the stats of the relaxations that produced it.
 
@@ -83,7 +85,7 @@ def gradient(
     elif route == "bptt":
         grads, stats = bptt_gradient(model, idx, targets, cfg)
     else:
-        grads, stats = ep_gradient(model, idx, targets, solver, cfg)
+        grads, stats = ep_gradient(model, idx, targets, solver, cfg, group)
     finite = all(bool(torch.isfinite(g).all()) for g in grads.values())
     stats["route"] = route
     stats["grads_finite"] = finite

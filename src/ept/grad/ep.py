@@ -23,6 +23,7 @@ from torch import Tensor
 from torch.func import jvp, vjp
 
 from ept.config import EPConfig, SolverConfig
+from ept.distributed import SINGLE, Group
 from ept.grad.common import Grads, free_phase, local_update, loss_grad_z, n_targets, solve_summary
 from ept.model import EquilibriumLM
 from ept.solvers import SolveStats, relax
@@ -131,7 +132,8 @@ class NudgedField:
 
 
 def ep_gradient(
-    model: EquilibriumLM, idx: Tensor, targets: Tensor, solver: SolverConfig, cfg: EPConfig
+    model: EquilibriumLM, idx: Tensor, targets: Tensor, solver: SolverConfig, cfg: EPConfig,
+    group: Group = SINGLE,
 ) -> tuple[Grads, dict[str, Any]]:
     """EP's gradient of the mean loss (over the targets >= 0) of the sequences that reached an
     equilibrium; a sequence with no target is not relaxed and contributes nothing.
@@ -142,46 +144,66 @@ def ep_gradient(
     unless none did). A nudged phase that blows up is relaxed once more (``cfg.retry_hr`` > 0)
     without the sequences whose rows blew up, at hr·retry_hr. With no sequence left, or with a free
     phase that blew up, the direct term is returned, flagged ``diverged``, at no further cost.
+
+    Under data parallelism (``group``, this rank's slice of the global batch in ``idx``) every one
+    of those decisions is taken over the global batch, so each rank takes the branch one process
+    holding the whole batch would; the gradient is the mean over this rank's kept targets
+    (``stats["kept_targets"]`` weighs it in :func:`ept.distributed.all_reduce_grads`).
     """
     x = model.inject(idx).detach()
     z_star, free_stats = free_phase(model, x, solver)
     polish_fevals = 0
     if cfg.polish_res > 0 and not free_stats.diverged:
         z_star, free_stats, polish_fevals = polish(model, x, z_star, free_stats, solver, cfg)
+    free_diverged = group.any(free_stats.diverged)
+    if free_diverged != free_stats.diverged:  # a peer's free phase blew up: so has the global batch's
+        free_stats = dataclasses.replace(free_stats, diverged=True)
     B = idx.shape[0]
     keep = torch.zeros(B, dtype=torch.bool)
-    if not free_stats.diverged:
+    if not free_diverged:
         keep = (free_stats.residual_per_seq <= cfg.drop_res).cpu()
     # No sequence reached drop_res although none blew up: a stalled free phase, not a nudged blow-up.
-    free_unsettled = not free_stats.diverged and not bool(keep.any())
+    free_unsettled = not free_diverged and not group.any(bool(keep.any()))
     # A sequence with no target (an MLM row without a masked token) has no nudge and no λ: it
     # contributes nothing, so it is not relaxed, and is not counted as dropped.
     has_target = (targets >= 0).any(-1).cpu()
     keep &= has_target
     lam = torch.zeros_like(z_star)
-    nudge_stats, retried = SolveStats(method="skipped", diverged=True), False
-    if bool(keep.any()):
-        lam_k, nudge_stats = _lambda_of(model, x, targets, z_star, keep, solver, cfg)
-        if nudge_stats.diverged and cfg.retry_hr > 0:
+    nudge_stats, retried, nudge_diverged = SolveStats(method="skipped", diverged=True), False, True
+    # A rank with no kept sequence while a peer has some relaxes nothing (its gradient weighs 0).
+    idle = SolveStats(method="skipped", diverged=False)
+
+    def any_blew_up() -> bool:  # a nudged phase that ran on some rank blew up
+        return group.any(bool(keep.any()) and nudge_stats.diverged)
+
+    if group.any(bool(keep.any())):
+        lam_k, nudge_stats = _lambda_of(model, x, targets, z_star, keep, solver, cfg) if bool(keep.any()) \
+            else (lam, idle)
+        if any_blew_up() and cfg.retry_hr > 0:
             retried = True
-            if nudge_stats.unstable is not None:
+            if bool(keep.any()) and nudge_stats.unstable is not None:
                 kept = keep.nonzero().flatten()  # the stacked rows are (nudge, kept sequence)
                 keep[kept[nudge_stats.unstable.cpu().view(-1, len(kept)).any(0)]] = False
-            if bool(keep.any()):
-                lam_k, nudge_stats = _lambda_of(model, x, targets, z_star, keep, solver,
-                                                dataclasses.replace(cfg, hr=cfg.hr * cfg.retry_hr))
-        if not nudge_stats.diverged:
+            if group.any(bool(keep.any())):
+                lam_k, nudge_stats = (_lambda_of(model, x, targets, z_star, keep, solver,
+                                                 dataclasses.replace(cfg, hr=cfg.hr * cfg.retry_hr))
+                                      if bool(keep.any()) else (lam, idle))
+        nudge_diverged = any_blew_up() or not group.any(bool(keep.any()))
+        if not nudge_diverged:
             kept = keep.nonzero().flatten()
-            late = unsettled(nudge_stats, cfg, len(kept))
-            n_late = int(late.sum())
-            if cfg.drop_unsettled and 0 < n_late < len(kept):
+            late = unsettled(nudge_stats, cfg, len(kept)) if len(kept) else torch.zeros(0, dtype=torch.bool)
+            n_late, n_kept = group.sum([int(late.sum()), len(kept)])
+            if cfg.drop_unsettled and 0 < n_late < n_kept and len(kept):
                 # λ is for the mean loss: over fewer targets, each one weighs more.
                 kt = targets[kept.to(targets.device)]
-                ratio = n_targets(kt) / n_targets(kt[~late.to(kt.device)])
-                lam_k = lam_k[~late.to(lam_k.device)] * ratio
+                left = n_targets(kt[~late.to(kt.device)])
+                lam_k = lam_k[~late.to(lam_k.device)] * (n_targets(kt) / left if left else 0.0)
                 keep[kept[late]] = False
-            lam[keep.to(lam.device)] = lam_k
-    if not bool(keep.any()) or nudge_stats.diverged:
+            if bool(keep.any()):
+                lam[keep.to(lam.device)] = lam_k
+        elif bool(keep.any()) or not nudge_stats.diverged:
+            nudge_stats = dataclasses.replace(nudge_stats, diverged=True)  # the global batch's did
+    if nudge_diverged:
         keep = torch.ones(B, dtype=torch.bool)  # the flagged step reports its direct term on the whole batch
     k = keep.to(idx.device)
     grads = local_update(model, idx[k], targets[k], z_star[k], lam[k])
@@ -189,11 +211,12 @@ def ep_gradient(
         loss = model.loss(z_star, targets).item()
     stats = {"loss": loss, **solve_summary("free", free_stats), **solve_summary("nudged", nudge_stats)}
     dropped = float(int((~keep & has_target).sum()))
+    kept_targets = n_targets(targets[k]) if not nudge_diverged else 0
     stats.update(T2=nudge_stats.fevals, polish_fevals=polish_fevals, free_unsettled=free_unsettled,
                  nudged_states=len(contour(cfg)[0]),
                  nudged_retry=float(retried),
                  dropped_seqs=dropped, dropped_seqs_max=dropped,
-                 kept=keep, z_star=z_star, lam=lam)
+                 kept_targets=kept_targets, kept=keep, z_star=z_star, lam=lam)
     return grads, stats
 
 
