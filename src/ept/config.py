@@ -175,6 +175,12 @@ class SolverConfig:
                             "where the steps reveal a stiffer mode)")
     mom_restart: float = setting(3.0, "momentum: drop a sequence's momentum when its residual exceeds this x "
                                  "its best")
+    # Only F is lowered: the solver's own arithmetic, the polish, the nudged phase, the local update
+    # and evaluation stay in the model's dtype (bf16's ~3 digits floor the residual near 1e-3).
+    dtype: str = setting("float32", "free phase's field evaluations: float32, or bf16 (autocast; the "
+                         "solver, polish, nudged phase and update stay float32)", choices=("float32", "bf16"))
+    compile: bool = setting(False, "torch.compile the free phase's field (dynamic shapes; the first steps "
+                            "pay the compilation)")
 
     def __post_init__(self) -> None:
         if self.method not in solver_methods():
@@ -185,6 +191,8 @@ class SolverConfig:
             raise ValueError(f"solver needs t1max > 0 and T1 >= 0, got T1={self.T1}, t1max={self.t1max}")
         if self.m < 1:
             raise ValueError(f"Anderson memory m must be >= 1, got {self.m}")
+        if self.dtype not in ("float32", "bf16"):
+            raise ValueError(f"--dtype {self.dtype!r} is not float32 or bf16")
         if not self.mom_lo < 0.5 or self.mom_restart <= 1 or self.mom_m < 2:
             raise ValueError(f"momentum needs mom_lo < 0.5, mom_restart > 1 and mom_m >= 2, got "
                              f"mom_lo={self.mom_lo}, mom_restart={self.mom_restart}, mom_m={self.mom_m}")
@@ -367,6 +375,8 @@ class TrainConfig:
     lr_backoff: float = setting(0.5, "learning-rate factor applied at each rollback")
     max_rollbacks: int = setting(5, "rollbacks before the run stops")
     sample_tokens: int = setting(200, "tokens of the sample written at the end")
+    device: str = setting("cpu", "cpu, or cuda (under torchrun: each rank's own GPU, LOCAL_RANK)",
+                          choices=("cpu", "cuda"))
     threads: int = setting(0, "torch CPU threads (0: torch's default); small models run best on 1")
     mask_rate: float = setting(0.15, "--objective mlm: the fraction of each sequence's tokens masked (at "
                                "least one), for training and evaluation")

@@ -46,10 +46,13 @@ class Predictor:
             solver = dataclasses.replace(cfg.solver, method="fixed_point", T1=evals, t1max=evals, res_est=0.0)
         else:
             solver = dataclasses.replace(cfg.solver, T1=0)
+        # Evaluated in the model's own precision whatever --dtype trained the free phase, so val CEs compare.
+        solver = dataclasses.replace(solver, dtype="float32")
         return cls(model, cfg.train.mode, solver, cfg.train.layers)
 
     @torch.no_grad()
     def hidden(self, idx: Tensor, z0: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        idx = idx.to(self.model.wte.weight.device)
         if self.mode == "bp":
             return explicit_hidden(self.model, idx, self.layers), {}
         x = self.model.inject(idx)
@@ -68,7 +71,8 @@ def _ce(predictor: Predictor, batches: Iterable[tuple[Tensor, Tensor]], max_batc
             break
         z, stats = predictor.hidden(idx)
         logits = predictor.model.readout(z)
-        total += F.cross_entropy(logits.flatten(0, -2), targets.flatten(), reduction="sum").item()
+        total += F.cross_entropy(logits.flatten(0, -2), targets.to(logits.device).flatten(),
+                                 reduction="sum").item()
         count += n_targets(targets)
         if chars is not None:
             n_chars += int(chars[targets[targets >= 0].numpy()].sum())
@@ -160,7 +164,7 @@ def generate(predictor: Predictor, prompt: list[int], n_tokens: int, T: int, tem
             z0 = torch.cat([z_prev, torch.zeros_like(z_prev[:, :1])], dim=1)
         z, _ = predictor.hidden(idx, z0=z0)
         z_prev = z if predictor.mode != "bp" else None
-        ids.append(pick_token(predictor.model.readout(z[:, -1:])[0, -1], temperature, top_k, gen))
+        ids.append(pick_token(predictor.model.readout(z[:, -1:])[0, -1].cpu(), temperature, top_k, gen))
     return ids[len(prompt):]
 
 
@@ -171,7 +175,7 @@ def fill_masks(predictor: Predictor, inputs: Tensor) -> Tensor:
     if mask_id is None:
         raise ValueError("filling masks needs a model trained with --objective mlm")
     z, _ = predictor.hidden(inputs)
-    best = predictor.model.readout(z).argmax(-1)
+    best = predictor.model.readout(z).argmax(-1).cpu()
     return torch.where(inputs == mask_id, best, inputs)
 
 

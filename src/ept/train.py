@@ -95,10 +95,19 @@ class Session:
     group: Group = SINGLE  # data parallelism: this rank's slice of each global batch
 
 
+def device_of(t: TrainConfig) -> torch.device:
+    """The run's device: under torchrun each rank's own GPU (LOCAL_RANK)."""
+    if t.device == "cuda":
+        import os
+
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
 def build_session(cfg: RunConfig, group: Group = SINGLE) -> Session:
     torch.manual_seed(cfg.train.seed)
-    model = EquilibriumLM(cfg.model)
     t = cfg.train
+    model = EquilibriumLM(cfg.model).to(device_of(t))
     optimizer = build_optimizer(t.optimizer, model, t.lr, t.weight_decay)
     ema = ParamEMA(model, t.pema) if t.pema > 0 else None
     controller = None
@@ -148,10 +157,11 @@ def next_batch(s: Session, data: TokenData) -> tuple[Tensor, Tensor]:
         idx, targets = get_mlm_batch(data.train, t.B, m.T, s.batches, s.masks, t.mask_rate, m.vocab_size)
     else:
         idx, targets = get_batch(data.train, t.B, m.T, s.batches)
-    if s.group.world == 1:
-        return idx, targets
-    rows = shard(t.B, s.group)
-    return idx[rows], targets[rows]
+    if s.group.world > 1:
+        rows = shard(t.B, s.group)
+        idx, targets = idx[rows], targets[rows]
+    dev = device_of(t)
+    return (idx, targets) if dev.type == "cpu" else (idx.to(dev), targets.to(dev))
 
 
 def step_gradient(s: Session, idx: Tensor, targets: Tensor) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -235,7 +245,7 @@ def weights_finite(s: Session) -> bool:
 
 def eval_model(s: Session) -> Predictor:
     """A model holding the weights evaluation uses (the EMA's when --pema is on)."""
-    model = EquilibriumLM(s.cfg.model)
+    model = EquilibriumLM(s.cfg.model).to(device_of(s.cfg.train))
     model.load_state_dict(s.ema.weights() if s.ema is not None else s.model.state_dict())
     model.eval()
     return Predictor.for_run(model, s.cfg)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ept import checkpoint as ckpt
 from ept.analog import AnalogConfig
@@ -287,7 +288,12 @@ def _say(msg: str) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
 
-    group = init_from_env("cpu")
+    device = getattr(args, "device", "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda: torch {torch.__version__} sees no CUDA device here: use "
+                         "--device cpu")
+    # NCCL when the run names its GPUs, else gloo (which reduces through host memory on any device).
+    group = init_from_env(device)
     try:
         return _run_train(args, group)
     except PeerLost as e:

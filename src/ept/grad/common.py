@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -23,7 +26,29 @@ def free_phase(
     x = x.detach()
     start = model.start(x) if z0 is None else z0.detach()
     with torch.no_grad():
-        return relax(RowwiseField(model.field, (x,)), start, cfg)
+        return relax(RowwiseField(free_field(model, cfg), (x,)), start, cfg)
+
+
+_COMPILED: weakref.WeakKeyDictionary[EquilibriumLM, Callable[..., Tensor]] = weakref.WeakKeyDictionary()
+
+
+def free_field(model: EquilibriumLM, cfg: SolverConfig) -> Callable[[Tensor, Tensor], Tensor]:
+    """F(z, x) as the free phase evaluates it: ``model.field``, compiled (``cfg.compile``, once per
+    model) and under bf16 autocast (``cfg.dtype``), its value returned in the state's dtype."""
+    fn: Callable[..., Tensor] = model.field
+    if cfg.compile:
+        if model not in _COMPILED:
+            _COMPILED[model] = torch.compile(model.field, dynamic=True)
+        fn = _COMPILED[model]
+    if cfg.dtype == "float32":
+        return fn
+    inner = fn
+
+    def lowered(z: Tensor, x: Tensor) -> Tensor:
+        with torch.autocast(z.device.type, dtype=torch.bfloat16):
+            return inner(z, x).to(z.dtype)
+
+    return lowered
 
 
 def n_targets(targets: Tensor) -> int:

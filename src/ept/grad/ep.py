@@ -242,7 +242,7 @@ def polish(model: EquilibriumLM, x: Tensor, z_star: Tensor, stats: SolveStats, s
     # not travel.
     pcfg = dataclasses.replace(solver, method="anderson", T1=0, t1max=cfg.polish_max, res_est=cfg.polish_res,
                                accel_from=math.inf, m=cfg.nudge_m, lam=cfg.nudge_lam, stall=_POLISH_STALL,
-                               proj_jump=0.0)
+                               proj_jump=0.0, dtype="float32")
     before = stats.residual_per_seq
     near = before.to(x.device) <= solver.res_est * cfg.polish_from
     if not bool(near.any()):
