@@ -17,12 +17,14 @@ the previous pointer naming a complete checkpoint; the last ``keep`` checkpoints
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,20 @@ _NAME = re.compile(r"^ckpt-(\d+)$")
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used: missing, truncated, corrupt, or from another model."""
+
+
+class DiskFull(OSError):
+    """A write into the run folder ran out of space (or hit a file-size or quota limit); what was
+    already on disk is intact."""
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def disk_full(e: OSError, where: Path, needed: int) -> DiskFull:
+    return DiskFull(e.errno, f"no space left writing into '{where}' ({os.strerror(e.errno or 0).lower()}; "
+                             f"this write needs {needed / 1e6:.2f} MB): free space, then continue with "
+                             f"ept train --resume {where}")
 
 
 @dataclass
@@ -182,11 +198,18 @@ def save_checkpoint(
             shutil.rmtree(final)  # else a leftover of a crash after the rename, before the pointer moved
         os.replace(tmp, final)
         _fsync_dir(run)
-    except BaseException:
+    except BaseException as e:
         if not pointed:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in FULL_ERRNOS:
+            raise disk_full(e, run, sum(len(b) for b in blobs.values())) from None
         raise
-    write_json(run / LATEST, {"checkpoint": final.name, "step": step, **(meta or {})})
+    try:
+        write_json(run / LATEST, {"checkpoint": final.name, "step": step, **(meta or {})})
+    except OSError as e:  # the new checkpoint is complete; the pointer still names the previous one
+        if e.errno in FULL_ERRNOS:
+            raise disk_full(e, run, 4096) from None
+        raise
     _prune(run, keep, final.name)
     return final
 
@@ -266,9 +289,38 @@ def _read_verified(ckpt: Path, name: str, info: dict[str, Any]) -> bytes:
     return data
 
 
-def load_checkpoint(path: str | Path, only: tuple[str, ...] | None = None) -> Checkpoint:
-    """Load and verify a checkpoint (``only``: just these weight stems, and no training state)."""
-    ckpt = resolve_checkpoint(path)
+def load_checkpoint(path: str | Path, only: tuple[str, ...] | None = None,
+                    fallback: Callable[[str], None] | None = None) -> Checkpoint:
+    """Load and verify a checkpoint (``only``: just these weight stems, and no training state).
+
+    ``fallback``: given a run folder whose newest checkpoint fails verification, load the newest
+    one that passes instead and say which were skipped through ``fallback(message)``. A checkpoint
+    folder named explicitly is loaded or refused, never substituted."""
+    p = Path(path)
+    if fallback is None or (p / MANIFEST).is_file() or not (p / LATEST).is_file():
+        return _load_verified(resolve_checkpoint(p), only)
+    try:
+        return _load_verified(resolve_checkpoint(p), only)
+    except CheckpointError as first:
+        skipped = [_pointer_target(p) or LATEST]
+        newest_first = sorted((q for q in p.iterdir() if _NAME.match(q.name)), key=lambda q: q.name,
+                              reverse=True)
+        for older in newest_first:
+            if older.name in skipped:
+                continue
+            try:
+                found = _load_verified(older, only)
+            except CheckpointError:
+                skipped.append(older.name)
+                continue
+            reason = str(first).split(": use ")[0]
+            fallback(f"{reason}: skipped {', '.join(skipped)}; using {older.name}, the newest intact "
+                     "checkpoint")
+            return found
+        raise first from None
+
+
+def _load_verified(ckpt: Path, only: tuple[str, ...] | None) -> Checkpoint:
     try:
         manifest = json.loads((ckpt / MANIFEST).read_text())
         files = manifest["files"]
@@ -324,10 +376,12 @@ class TrainedModel:
     weights: str  # "ema" or "model"
 
 
-def load_trained(path: str | Path, raw: bool = False) -> TrainedModel:
+def load_trained(path: str | Path, raw: bool = False,
+                 fallback: Callable[[str], None] | None = None) -> TrainedModel:
     """A run folder (its latest checkpoint) or one of its checkpoint folders (``ckpt-*``, ``best/``)
-    -> its model and config; ``raw``: the last iterate instead of the EMA. CheckpointError names the fix."""
-    ck = load_checkpoint(path, only=("model", "ema"))
+    -> its model and config; ``raw``: the last iterate instead of the EMA; ``fallback``: see
+    :func:`load_checkpoint`. CheckpointError names the fix."""
+    ck = load_checkpoint(path, only=("model", "ema"), fallback=fallback)
     folders = (Path(path), run_folder_of(ck.path))
     config = next((p / CONFIG_FILE for p in folders if (p / CONFIG_FILE).is_file()), None)
     if config is None:

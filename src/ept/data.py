@@ -292,6 +292,10 @@ def prepare(corpus: Corpus, vocab_size: int, log: Callable[[str], None] | None =
     else:
         tok = load_tokenizer(tok_path)
     n_vocab = tok.get_vocab_size()
+    if n_vocab < vocab_size:  # BPE ran out of pairs seen twice: the model would silently get fewer tokens
+        raise DataError(f"the corpus is too small for --vocab_size {vocab_size}: byte-level BPE finds only "
+                        f"{n_vocab} tokens in its {len(corpus.train):,} training characters; use "
+                        f"--vocab_size {n_vocab} or less, or more text")
     dtype = np.uint16 if n_vocab <= 1 << 16 else np.uint32
     arrays = {}
     for split, text in (("train", corpus.train), ("valid", corpus.valid)):

@@ -33,8 +33,14 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         self.records.append(record)
         if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            line = json.dumps(record) + "\n"
+            try:
+                with open(self.path, "a") as f:
+                    f.write(line)
+            except OSError as e:
+                if e.errno in ckpt.FULL_ERRNOS:
+                    raise ckpt.disk_full(e, self.path.parent, len(line)) from None
+                raise
 
 
 def _fmt_time(sec: float) -> str:

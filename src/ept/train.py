@@ -251,15 +251,19 @@ def eval_model(s: Session) -> Predictor:
     return Predictor.for_run(model, s.cfg)
 
 
-def save(s: Session, run: Path, analog: AnalogSession | None = None, best: bool = False) -> Path:
+def save(s: Session, run: Path, analog: AnalogSession | None = None, best: bool = False,
+         rollback: dict[str, Any] | None = None) -> Path:
     """Checkpoint the session into ``run`` (``best``: into ``run/best``, the one checkpoint kept
-    there, its val CE in the pointer)."""
+    there, its val CE in the pointer). ``rollback`` is the state a rollback would return to when it
+    is not this one: saved with it, so a resumed run rolls back where the uninterrupted one would."""
     weights = {"model": s.model.state_dict()}
     if s.ema is not None:
         weights["ema"] = s.ema.weights()
     state = session_state(s)
     if analog is not None:
         state["analog"] = analog.state_dict()
+    if not best:
+        state["rollback"] = ROLLBACK_HERE if rollback is None else rollback
     if best:
         return ckpt.save_checkpoint(run / ckpt.BEST, s.state.step, weights, state, keep=1,
                                     meta={"val_ce": s.state.best_val})
@@ -296,6 +300,7 @@ Update = Callable[[EquilibriumLM, torch.optim.Optimizer, dict[str, Tensor], floa
 
 
 NONFINITE_UPDATE = "non-finite weights after the update"
+ROLLBACK_HERE = "this checkpoint"  # a checkpoint's rollback point when it is the checkpoint itself
 
 
 class TrainingDiverged(RuntimeError):
@@ -442,10 +447,11 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
     # Looked up at call time, not bound as a default, so a substituted module-level step is used.
     update = update or apply_update
     forward, devices = contextlib.nullcontext, None
+    saved_rollback: Any = None  # a resumed checkpoint's rollback point, when it is not the checkpoint
     if analog is not None:
         update, forward, devices = analog_session(s, analog, update)
     if resume:
-        loaded = ckpt.load_checkpoint(run)
+        loaded = ckpt.load_checkpoint(run, fallback=lambda msg: log(f"warning: {msg}"))
         if devices is None and loaded.state.get("analog") is not None:
             raise ckpt.CheckpointError(
                 f"checkpoint '{loaded.path}' holds the devices of an analog run but is resumed without its "
@@ -453,6 +459,7 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
         load_session_state(s, loaded.state)
         if devices is not None:  # after the Session: it puts the devices' weights back into the model
             devices.load_state_dict(loaded.state.get("analog"), str(loaded.path))
+        saved_rollback = loaded.state.get("rollback")
         log(f"resuming {run} at step {s.state.step}/{t.steps}")
     elif s.ema is not None and (init_weights is not None or devices is not None):
         # Average from the weights the run starts from (the warm start, as the devices read it), not
@@ -471,6 +478,9 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
         metrics.write({"step": 0, **first})
         note_val(s, first_val, out, devices)
     snapshot, base_seconds, t0 = rollback_point(s, devices), s.state.seconds, time.time()
+    snapshot_step = s.state.step
+    if isinstance(saved_rollback, dict):
+        snapshot, snapshot_step = saved_rollback, -1  # older than the checkpoint: where the run would return
     window: list[dict[str, Any]] = []
     tick, tick_step = time.time(), s.state.step
     end = t.steps if stop_after is None else min(t.steps, stop_after)
@@ -515,12 +525,12 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
             warn(watch, rec, metrics, log)
             window.clear()
             tick, tick_step = time.time(), step
+        if step % t.log_every == 0 and s.state.bad_steps == 0:
+            snapshot, snapshot_step = rollback_point(s, devices), step  # recent, with a converging free phase
         if step % t.ckpt_every == 0 or step == end:
             s.state.seconds = base_seconds + time.time() - t0
             if out is not None:
-                save(s, out, devices)
-        if step % t.log_every == 0 and s.state.bad_steps == 0:
-            snapshot = rollback_point(s, devices)  # recent, and with a converging free phase
+                save(s, out, devices, rollback=None if snapshot_step == step else snapshot)
     s.state.seconds = base_seconds + time.time() - t0
     summary = {
         "steps": s.state.step, "seconds": round(s.state.seconds, 2), "val_ce": last_val,

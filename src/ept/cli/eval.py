@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,8 @@ def load_run(path: str | Path, raw: bool = False, best: bool = False) -> LoadedR
     """A trained run, ready to evaluate or sample (``best``: its best-val checkpoint), with its own
     tokenizer. Bad folders raise UsageError."""
     try:
-        trained = ckpt.load_trained(best_folder(path) if best else path, raw=raw)
+        trained = ckpt.load_trained(best_folder(path) if best else path, raw=raw,
+                                    fallback=lambda msg: print(f"ept eval: warning: {msg}", file=sys.stderr))
     except ckpt.CheckpointError as e:
         raise UsageError(str(e)) from None
     cfg, run = trained.cfg, ckpt.run_folder_of(trained.ckpt)

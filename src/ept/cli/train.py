@@ -8,9 +8,11 @@ seed, giving ``--state`` for a folder that already holds the run continues it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -26,12 +28,13 @@ from ept.analog import AnalogConfig
 from ept.analog.cli_args import add_arguments as add_analog_arguments
 from ept.analog.cli_args import config_from_args as analog_config_from_args
 from ept.analog.cli_args import overrides_from_args as analog_overrides_from_args
-from ept.checkpoint import CONFIG_FILE
+from ept.checkpoint import CONFIG_FILE, TOKENIZER_FILE
 from ept.cli import UsageError
 from ept.config import SECTIONS, RunConfig, section_flags
 from ept.data import DataError, TokenData, load_corpus, prepare
 from ept.distributed import Group, ParallelConfigError, PeerLost, init_from_env
 from ept.presets import PRESETS, SEED_FLAGS, resolve
+from ept.runlock import LOCK_FILE, RunLock, RunLocked
 from ept.train import TrainingDiverged, train, write_run_files
 
 RUN_FLAGS = ("out", "resume", "ckpt", "state", "init_ckpt", "stop_after", "json", "preset")
@@ -140,7 +143,7 @@ def open_new_folder(folder: Path) -> None:
         raise UsageError(
             f"'{folder}' holds another run: continue it with --resume {folder}, or choose a new --out"
         )
-    if folder.is_dir() and any(folder.iterdir()):
+    if folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir()):
         raise UsageError(f"'{folder}' is not empty and holds no ept run: choose a new or empty --out folder")
     check_writable(folder)
 
@@ -151,6 +154,9 @@ def open_resume_folder(folder: Path) -> RunConfig:
             f"--resume '{folder}' holds no ept run (needs {CONFIG_FILE} and a checkpoint): give the "
             "--out folder of an earlier 'ept train'"
         )
+    if not (folder / TOKENIZER_FILE).is_file():
+        raise UsageError(f"--resume '{folder}' lacks its {TOKENIZER_FILE} (the run's vocabulary): restore it "
+                         "from a copy of the run folder, or start a new run with --init_ckpt")
     check_writable(folder)
     return read_config(folder)
 
@@ -294,13 +300,51 @@ def run_train(args: argparse.Namespace) -> int:
                          "--device cpu")
     # NCCL when the run names its GPUs, else gloo (which reduces through host memory on any device).
     group = init_from_env(device)
+    held = Held()
     try:
-        return _run_train(args, group)
+        return _run_train(args, group, held)
     except PeerLost as e:
         print(f"ept train: {e}; the last good checkpoint is intact: resume with --resume", file=sys.stderr)
         return 1
     finally:
+        held.release()
         group.close()
+
+
+@dataclasses.dataclass
+class Held:
+    """What this process holds on disk: its run folder's lock, and the folder if it created it (left
+    empty by a failure, the folder is removed: bad input changes nothing on disk)."""
+
+    lock: RunLock | None = None
+    created: Path | None = None
+
+    def take(self, run: Path, log: Callable[[str], None], create: bool) -> None:
+        if not run.is_dir():
+            if not create or run.exists():
+                return  # the folder checks that follow name the problem
+            try:
+                run.mkdir(parents=True)
+            except OSError:
+                return
+            self.created = run
+        try:
+            self.lock = RunLock.acquire(run)
+        except RunLocked as e:
+            raise UsageError(str(e)) from None
+        except OSError:
+            return  # an unwritable folder: check_writable names it
+        stale = self.lock.stale
+        if stale and stale.get("pid") != os.getpid():
+            log(f"{run}: took over the lock of a run that is gone (pid {stale.get('pid')} on "
+                f"{stale.get('host')}, since {stale.get('since')})")
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+        if self.created is not None:
+            with contextlib.suppress(OSError):
+                self.created.rmdir()  # only when empty
 
 
 def _on_main(group: Group, fn: Callable[[], Any]) -> None:
@@ -325,7 +369,7 @@ def _same_data(group: Group, data: TokenData) -> None:
                          "the same --data and ept version")
 
 
-def _run_train(args: argparse.Namespace, group: Group) -> int:
+def _run_train(args: argparse.Namespace, group: Group, held: Held) -> int:
     log = _say if group.is_main else (lambda msg: None)
     flags = _given(args)
     seed_folder = seed_run_folder(flags.get("ckpt"), flags.get("state"))
@@ -343,6 +387,7 @@ def _run_train(args: argparse.Namespace, group: Group) -> int:
         )
 
     if resume_dir is not None:
+        _on_main(group, lambda: held.take(resume_dir, log, create=False))
         cfg = resume_overrides(open_resume_folder(resume_dir), flags)
         analog = analog_from_args(args, cfg, resuming=True)
         run = resume_dir
@@ -359,6 +404,7 @@ def _run_train(args: argparse.Namespace, group: Group) -> int:
         cfg.analog = None if analog is None else analog.to_dict()  # what a --resume rebuilds the devices from
         run = out or Path("runs") / f"{cfg.preset}-{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
         run = Path(group.broadcast(str(run)))  # the clock may tick between ranks
+        _on_main(group, lambda: held.take(run, log, create=True))
         _on_main(group, lambda: open_new_folder(run))
         data = load_data(cfg, log)
         cfg.model = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
@@ -385,6 +431,10 @@ def _run_train(args: argparse.Namespace, group: Group) -> int:
         )
     except ckpt.CheckpointError as e:
         raise UsageError(str(e)) from None
+    except ckpt.DiskFull as e:
+        if group.is_main:
+            print(f"ept train: {e.strerror}", file=sys.stderr)
+        return 1
     except TrainingDiverged as e:
         if group.is_main:
             print(f"ept train: {e}", file=sys.stderr)
