@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -136,9 +137,25 @@ def check_writable(folder: Path) -> None:
         ) from None
 
 
-def open_new_folder(folder: Path) -> None:
+# What a run writes before its first checkpoint: a run stopped then (killed in set-up or in its
+# first steps) has nothing to resume, and the same command starts it again in the same folder.
+BEFORE_FIRST_CHECKPOINT = (CONFIG_FILE, TOKENIZER_FILE, "metrics.jsonl", "sample.txt", "curves.png")
+
+
+def never_checkpointed(folder: Path) -> bool:
+    return (folder / CONFIG_FILE).is_file() and not ckpt.has_checkpoint(folder)
+
+
+def open_new_folder(folder: Path, log: Callable[[str], None] = lambda msg: None) -> None:
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out '{folder}' is a file: give a folder path")
+    if folder.is_dir() and never_checkpointed(folder):
+        log(f"{folder}: its run stopped before its first checkpoint; starting it again")
+        for name in BEFORE_FIRST_CHECKPOINT:
+            with contextlib.suppress(FileNotFoundError):
+                (folder / name).unlink()
+        for sub in [folder / ckpt.BEST, *folder.glob("ckpt-*"), *folder.glob(".tmp-*")]:
+            shutil.rmtree(sub, ignore_errors=True)
     if folder.is_dir() and holds_run(folder):
         raise UsageError(
             f"'{folder}' holds another run: continue it with --resume {folder}, or choose a new --out"
@@ -149,6 +166,9 @@ def open_new_folder(folder: Path) -> None:
 
 
 def open_resume_folder(folder: Path) -> RunConfig:
+    if folder.is_dir() and never_checkpointed(folder):
+        raise UsageError(f"--resume '{folder}': its run stopped before its first checkpoint, so nothing was "
+                         f"kept to resume; run the same 'ept train --out {folder} ...' command again")
     if not folder.is_dir() or not (folder / CONFIG_FILE).is_file() or not ckpt.has_checkpoint(folder):
         raise UsageError(
             f"--resume '{folder}' holds no ept run (needs {CONFIG_FILE} and a checkpoint): give the "
@@ -405,7 +425,7 @@ def _run_train(args: argparse.Namespace, group: Group, held: Held) -> int:
         run = out or Path("runs") / f"{cfg.preset}-{cfg.train.mode}-{time.strftime('%Y%m%d-%H%M%S')}"
         run = Path(group.broadcast(str(run)))  # the clock may tick between ranks
         _on_main(group, lambda: held.take(run, log, create=True))
-        _on_main(group, lambda: open_new_folder(run))
+        _on_main(group, lambda: open_new_folder(run, log))
         data = load_data(cfg, log)
         cfg.model = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
         cfg.data.key = data.key
