@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from ept import EPTConfig, EquilibriumLM
+from ept.data import load_corpus, prepare
 
 
 def small_model(scale: float = 1.0, seed: int = 0, c: float = 1.0, **overrides) -> EquilibriumLM:
@@ -33,3 +36,20 @@ def one_thread():
 @pytest.fixture
 def model() -> EquilibriumLM:
     return small_model()
+
+
+def write_corpus(folder: Path) -> Path:
+    """40k characters of Shakespeare as a user data file (its tokenizer trains in about a second)."""
+    path = folder / "plays.txt"
+    path.write_text(load_corpus(None).valid[:40_000])
+    return path
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="session")
+def tokens(corpus_file):
+    return prepare(load_corpus(corpus_file), 300)

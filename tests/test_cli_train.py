@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_train import write_corpus
+from conftest import write_corpus
 
 from ept.cli import build_parser, main
 from ept.cli.train import seed_run_folder

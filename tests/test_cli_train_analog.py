@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_corpus
 from test_cli_train import SMALL, _usage_error
-from test_train import quiet, small_cfg, write_corpus
+from test_train import quiet, small_cfg
 
 import ept.train as tr
 from ept import checkpoint as ckpt

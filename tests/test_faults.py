@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 from test_cli_train import SMALL as CLI_SMALL
-from test_train import quiet, small_cfg, write_corpus
+from test_train import quiet, small_cfg
 
 import ept.checkpoint as ckpt
 import ept.train as tr
 from ept.cli import main
-from ept.data import load_corpus, prepare
 from ept.runlock import LOCK_FILE, RunLock
 from ept.train import train
 
@@ -38,16 +37,6 @@ def _one_line_exit(capsys, argv: list[str], code: int, *words: str) -> str:
     for w in words:
         assert w in err[-1], (w, err[-1])
     return err[-1]
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def tokens(corpus_file):
-    return prepare(load_corpus(corpus_file), 300)
 
 
 @pytest.fixture(scope="module")

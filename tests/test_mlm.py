@@ -4,7 +4,6 @@ training, resume, eval and generate."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from conftest import small_model
 from test_cli_train import SMALL as CLI_SMALL
-from test_train import quiet, small_cfg, write_corpus
+from test_train import quiet, small_cfg
 
 import ept
 from ept import checkpoint as ckpt
 from ept.cli import main
-from ept.data import EOT, IGNORE, load_corpus, mask_tokens, mlm_eval_windows, prepare, token_chars
+from ept.data import EOT, IGNORE, mask_tokens, mlm_eval_windows, token_chars
 from ept.grad.common import loss_grad_z, n_targets, readout_ce_grad
 from ept.train import train
 
@@ -183,16 +182,6 @@ def test_token_chars_sum_to_the_length_of_the_text(tokens):
 
 
 # ---------------------------------------------------------------------------------- training
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="module")
-def tokens(corpus_file):
-    return prepare(load_corpus(corpus_file), 300)
 
 
 def mlm_cfg(tokens, **flags):

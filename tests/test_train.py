@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ import torch
 from ept import checkpoint as ckpt
 from ept.baseline import bp_gradient, explicit_logits
 from ept.config import EPTConfig
-from ept.data import load_corpus, prepare
 from ept.evaluate import Predictor, generate, mean_ce, unigram_ce
 from ept.model import EquilibriumLM
 from ept.optim import Lion, ParamEMA, SGDSaI, wsd_factor
@@ -41,23 +39,6 @@ SMALL = dict(
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_corpus(folder: Path) -> Path:
-    """40k characters of Shakespeare as a user data file (its tokenizer trains in about a second)."""
-    path = folder / "plays.txt"
-    path.write_text(load_corpus(None).valid[:40_000])
-    return path
-
-
-@pytest.fixture(scope="session")
-def corpus_file(tmp_path_factory) -> Path:
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-@pytest.fixture(scope="session")
-def tokens(corpus_file):
-    return prepare(load_corpus(corpus_file), 300)
 
 
 def small_cfg(tokens, **flags):

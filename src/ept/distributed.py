@@ -20,7 +20,6 @@ Under ``torchrun`` :func:`init_from_env` returns a :class:`TorchGroup` (gloo on 
 from __future__ import annotations
 
 import datetime
-import math
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -222,15 +221,13 @@ def reduce_stats(stats: dict[str, Any], group: Group, rows: int, targets: int) -
     return out
 
 
-def all_reduce_grads(grads: dict[str, Tensor], weight: float, group: Group) -> dict[str, Tensor]:
-    """Σ_r w_r·g_r over ranks, in one flat bucket (``weight`` is this rank's w_r; the weights over
-    ranks sum to 1). Identity on :data:`SINGLE`."""
+def all_reduce_grads(grads: dict[str, Tensor], group: Group) -> dict[str, Tensor]:
+    """Σ_r g_r over ranks, in one flat bucket (each rank's ``grads`` already weighted by its share).
+    Identity on :data:`SINGLE`."""
     if group.world == 1:
         return grads
     names = list(grads)
-    flat = torch.cat([grads[n].reshape(-1) for n in names]) * weight
-    if not math.isfinite(weight):
-        raise ValueError(f"rank {group.rank}: a non-finite gradient weight {weight}")
+    flat = torch.cat([grads[n].reshape(-1) for n in names])
     group.sum_tensor_(flat)
     out, at = {}, 0
     for n in names:

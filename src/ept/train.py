@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -98,8 +99,6 @@ class Session:
 def device_of(t: TrainConfig) -> torch.device:
     """The run's device: under torchrun each rank's own GPU (LOCAL_RANK)."""
     if t.device == "cuda":
-        import os
-
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
@@ -197,7 +196,7 @@ def step_gradient(s: Session, idx: Tensor, targets: Tensor) -> tuple[dict[str, T
         grads = {k: g + extra[k] if k in extra else g for k, g in grads.items()}
         stats.update(logs)
     if group.world > 1 and not stats["diverged"]:
-        grads = all_reduce_grads(grads, 1.0, group)
+        grads = all_reduce_grads(grads, group)
     return grads, stats
 
 

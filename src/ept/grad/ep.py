@@ -201,7 +201,7 @@ def ep_gradient(
                 keep[kept[late]] = False
             if bool(keep.any()):
                 lam[keep.to(lam.device)] = lam_k
-        elif bool(keep.any()) or not nudge_stats.diverged:
+        elif not nudge_stats.diverged:
             nudge_stats = dataclasses.replace(nudge_stats, diverged=True)  # the global batch's did
     if nudge_diverged:
         keep = torch.ones(B, dtype=torch.bool)  # the flagged step reports its direct term on the whole batch
