@@ -100,7 +100,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def reading(rows: list[dict[str, Any]]) -> str:
     done = [r for r in rows if r["val_ce"] is not None]
     best = min(done, key=lambda r: r["val_ce"]) if done else None
-    died = [r["recipe"] for r in rows if r["diverged_at"] is not None]
+    died = [f"`{r['recipe']}` s{r['seed']} at step {r['diverged_at']}" for r in rows
+            if r["diverged_at"] is not None]
     first = f"Best final val CE: {best['recipe']} ({best['val_ce']:.3f})." if best else "Every run diverged."
     return first + ("\nDiverged: " + ", ".join(died) + "." if died else "\nNo run diverged.")
 
