@@ -240,7 +240,15 @@ def test_more_bad_input_is_one_line_exit_2_and_changes_nothing(run_copy, tmp_pat
     assert _tree(run_copy) == before
 
     (other / "tokenizer.json").unlink()
+    # A killed run's lock left behind: a refused --resume leaves it as it was.
+    (other / LOCK_FILE).write_text(json.dumps({"pid": 999999, "host": "elsewhere", "since": "then"}))
     before = _tree(other)
     _one_line_exit(capsys, ["train", "--resume", str(other)], 2, "tokenizer.json")
     _one_line_exit(capsys, ["eval", "--ckpt", str(other), "--data", str(corpus_file)], 2, "tokenizer.json")
     assert _tree(other) == before
+
+    # Another shape's weights are refused before the new folder gets any file.
+    fresh = tmp_path / "fresh"
+    _one_line_exit(capsys, ["train", "--data", str(corpus_file), "--out", str(fresh), *CLI_SMALL, "--C", "32",
+                            "--init_ckpt", str(other)], 2, "another model config", "--C")
+    assert not fresh.exists()

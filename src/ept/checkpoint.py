@@ -348,6 +348,13 @@ def _load_verified(ckpt: Path, only: tuple[str, ...] | None) -> Checkpoint:
 def load_weights_into(model: torch.nn.Module, weights: dict[str, Tensor], where: str) -> None:
     """Copy weights into ``model``, refusing any name or shape mismatch with one clear line."""
     own = model.state_dict()
+    check_weights_fit(own, weights, where)
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
+
+
+def check_weights_fit(own: dict[str, Tensor], weights: dict[str, Tensor], where: str) -> None:
+    """Refuse, with one clear line, ``weights`` whose names or shapes differ from ``own`` (a state
+    dict; a model built on the meta device gives one for free)."""
     missing = sorted(set(own) - set(weights))
     extra = sorted(set(weights) - set(own))
     wrong = [k for k in own if k in weights and tuple(own[k].shape) != tuple(weights[k].shape)]
@@ -359,7 +366,6 @@ def load_weights_into(model: torch.nn.Module, weights: dict[str, Tensor], where:
             f"checkpoint '{where}' is from another model config or vocabulary ({detail}): use the same "
             "--C/--H/--T/--vocab_size as the run that wrote it, or start a fresh run"
         )
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
 
 
 # ------------------------------------------------------------------------------------ a trained model

@@ -34,6 +34,7 @@ from ept.cli import UsageError
 from ept.config import SECTIONS, RunConfig, section_flags
 from ept.data import DataError, TokenData, load_corpus, prepare
 from ept.distributed import Group, ParallelConfigError, PeerLost, init_from_env
+from ept.model import EquilibriumLM
 from ept.presets import PRESETS, SEED_FLAGS, resolve
 from ept.runlock import LOCK_FILE, RunLock, RunLocked
 from ept.train import TrainingDiverged, train, write_run_files
@@ -407,8 +408,9 @@ def _run_train(args: argparse.Namespace, group: Group, held: Held) -> int:
         )
 
     if resume_dir is not None:
-        _on_main(group, lambda: held.take(resume_dir, log, create=False))
+        # Checked before the lock is taken: a refused --resume leaves even a dead run's lock alone.
         cfg = resume_overrides(open_resume_folder(resume_dir), flags)
+        _on_main(group, lambda: held.take(resume_dir, log, create=False))
         analog = analog_from_args(args, cfg, resuming=True)
         run = resume_dir
         data = load_data(cfg, log)
@@ -430,6 +432,13 @@ def _run_train(args: argparse.Namespace, group: Group, held: Held) -> int:
         cfg.model = dataclasses.replace(cfg.model, vocab_size=data.vocab_size)
         cfg.data.key = data.key
         weights = init_weights(flags["init_ckpt"], data.key) if "init_ckpt" in flags else None
+        if weights is not None:  # before the folder gets its files: refused input changes nothing
+            with torch.device("meta"):
+                shapes = EquilibriumLM(cfg.model).state_dict()
+            try:
+                ckpt.check_weights_fit(shapes, weights, "--init_ckpt")
+            except ckpt.CheckpointError as e:
+                raise UsageError(str(e)) from None
         _on_main(group, lambda: write_run_files(run, cfg, data))
     if group.world > 1:
         _same_data(group, data)
