@@ -9,14 +9,11 @@ ledger live beside it in an :class:`AnalogSession`, checkpointed with it.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ from ept.analog.session import AnalogSession
 from ept.baseline import bp_gradient
 from ept.checkpoint import CONFIG_FILE, TOKENIZER_FILE
 from ept.config import MODES as MODES  # re-exported: the routes a run trains with
-from ept.config import ControlConfig, RunConfig, TrainConfig
+from ept.config import RunConfig, TrainConfig
 from ept.data import (
     EVAL_MASK_SEED,
     TokenData,
@@ -45,10 +42,20 @@ from ept.evaluate import Predictor, fill_masks, generate, render_fill, unigram_c
 from ept.grad import gradient
 from ept.grad.common import n_targets
 from ept.model import EquilibriumLM
-from ept.optim import ParamEMA, build_optimizer, set_lr, wsd_factor
+from ept.optim import ParamEMA, set_lr, wsd_factor
 from ept.plots import plot_curves
+from ept.recovery import (  # TrainingDiverged re-exported: what train() raises
+    NONFINITE_UPDATE,
+    TrainingDiverged,
+    best_note,
+    note_val,
+    rollback,
+    rollback_point,
+    save,
+)
 from ept.runlog import METRICS_FILE as METRICS_FILE  # the run folder's name for it, read by callers
 from ept.runlog import MetricsLog, contraction_watch, progress_line, warn, window_record
+from ept.session import Session, TrainState, build_session, device_of, load_session_state
 
 CURVES_FILE, SAMPLE_FILE = "curves.png", "sample.txt"
 
@@ -71,80 +78,6 @@ def grad_options(cfg: RunConfig) -> dict[str, Any]:
 
 def ep_options(cfg: RunConfig) -> dict[str, Any]:
     return grad_options(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mode="ep")))
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    lr_scale: float = 1.0  # lowered by each rollback
-    rollbacks: int = 0
-    bad_steps: int = 0  # consecutive steps whose free phase missed div_res
-    seconds: float = 0.0  # training wall time over all sessions of the run
-    best_val: float = math.inf  # the best periodic val CE so far (its checkpoint and step: RUN/best)
-
-
-@dataclass
-class Session:
-    cfg: RunConfig
-    model: EquilibriumLM
-    optimizer: torch.optim.Optimizer
-    ema: ParamEMA | None
-    controller: Any  # ept.controls.Controller or None
-    batches: torch.Generator
-    state: TrainState
-    masks: torch.Generator  # the masked positions of an MLM run's batches (drawn apart from the windows)
-    group: Group = SINGLE  # data parallelism: this rank's slice of each global batch
-
-
-def device_of(t: TrainConfig) -> torch.device:
-    """The run's device: under torchrun each rank's own GPU (LOCAL_RANK)."""
-    if t.device == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def build_session(cfg: RunConfig, group: Group = SINGLE) -> Session:
-    torch.manual_seed(cfg.train.seed)
-    t = cfg.train
-    model = EquilibriumLM(cfg.model).to(device_of(t))
-    optimizer = build_optimizer(t.optimizer, model, t.lr, t.weight_decay)
-    ema = ParamEMA(model, t.pema) if t.pema > 0 else None
-    controller = None
-    if any(float(v) > 0 for k, v in cfg.control.items() if k in ("resreg", "jacreg", "eigreg")):
-        from ept.controls import Controller  # only runs that use a control need it
-
-        rows = shard(t.B, group) if group.world > 1 else None
-        controller = Controller(ControlConfig.from_dict(cfg.control), group, rows, t.B)
-    batches = torch.Generator().manual_seed(t.seed + 1)
-    masks = torch.Generator().manual_seed(t.seed + 2)
-    return Session(cfg, model, optimizer, ema, controller, batches, TrainState(), masks, group)
-
-
-def session_state(s: Session) -> dict[str, Any]:
-    """Everything a step changes, as one nested dict of tensors and plain values."""
-    return {
-        "train": dataclasses.asdict(s.state),
-        "model": {k: v.detach().clone() for k, v in s.model.state_dict().items()},
-        "optimizer": copy.deepcopy(s.optimizer.state_dict()),
-        "ema": None if s.ema is None else copy.deepcopy(s.ema.state_dict()),
-        "controller": None if s.controller is None else copy.deepcopy(s.controller.state_dict()),
-        "rng": {"batches": s.batches.get_state(), "torch": torch.get_rng_state(),
-                "masks": s.masks.get_state()},
-    }
-
-
-def load_session_state(s: Session, st: dict[str, Any]) -> None:
-    s.state = TrainState(**st["train"])
-    s.model.load_state_dict(st["model"])
-    s.optimizer.load_state_dict(copy.deepcopy(st["optimizer"]))
-    if s.ema is not None and st.get("ema") is not None:
-        s.ema.load_state_dict(st["ema"])
-    if s.controller is not None and st.get("controller") is not None:
-        s.controller.load_state_dict(copy.deepcopy(st["controller"]))
-    s.batches.set_state(st["rng"]["batches"])
-    if "masks" in st["rng"]:  # a checkpoint from before --objective mlm holds none (an LM draws no mask)
-        s.masks.set_state(st["rng"]["masks"])
-    torch.set_rng_state(st["rng"]["torch"])
 
 
 def next_batch(s: Session, data: TokenData) -> tuple[Tensor, Tensor]:
@@ -250,43 +183,6 @@ def eval_model(s: Session) -> Predictor:
     return Predictor.for_run(model, s.cfg)
 
 
-def save(s: Session, run: Path, analog: AnalogSession | None = None, best: bool = False,
-         rollback: dict[str, Any] | None = None) -> Path:
-    """Checkpoint the session into ``run`` (``best``: into ``run/best``, the one checkpoint kept
-    there, its val CE in the pointer). ``rollback`` is the state a rollback would return to when it
-    is not this one: saved with it, so a resumed run rolls back where the uninterrupted one would."""
-    weights = {"model": s.model.state_dict()}
-    if s.ema is not None:
-        weights["ema"] = s.ema.weights()
-    state = session_state(s)
-    if analog is not None:
-        state["analog"] = analog.state_dict()
-    if not best:
-        state["rollback"] = ROLLBACK_HERE if rollback is None else rollback
-    if best:
-        return ckpt.save_checkpoint(run / ckpt.BEST, s.state.step, weights, state, keep=1,
-                                    meta={"val_ce": s.state.best_val})
-    return ckpt.save_checkpoint(run, s.state.step, weights, state, keep=s.cfg.train.keep)
-
-
-def note_val(s: Session, val: float, run: Path | None, analog: AnalogSession | None = None) -> None:
-    """Record a periodic val CE; a new best is checkpointed into ``run/best``."""
-    if not val < s.state.best_val:  # NaN is never a best
-        return
-    s.state.best_val = float(val)
-    if run is not None:
-        save(s, run, analog, best=True)
-
-
-def best_note(run: Path | None) -> str:
-    """'; the best model (val CE X at step S) is RUN/best: ...' or '' when the run kept none."""
-    best = None if run is None else ckpt.best_pointer(run)
-    if best is None or "val_ce" not in best:
-        return ""
-    return (f"; its best model (val CE {best['val_ce']:.4f} at step {best['step']}) is kept in "
-            f"{run / ckpt.BEST}: ept eval --ckpt {run} --best")
-
-
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -296,61 +192,6 @@ def _silent(msg: str) -> None:  # the log of a rank other than 0
 
 
 Update = Callable[[EquilibriumLM, torch.optim.Optimizer, dict[str, Tensor], float, float], float]
-
-
-NONFINITE_UPDATE = "non-finite weights after the update"
-ROLLBACK_HERE = "this checkpoint"  # a checkpoint's rollback point when it is the checkpoint itself
-
-
-class TrainingDiverged(RuntimeError):
-    """Divergence persisted through ``max_rollbacks`` rollbacks; the last good checkpoint stays."""
-
-
-def rollback(s: Session, snapshot: dict[str, Any], reason: str, metrics: MetricsLog,
-             log: Callable[[str], None], devices: AnalogSession | None = None) -> None:
-    """Back to the last good state with a lower learning rate; give up after max_rollbacks.
-
-    The replay draws fresh batches (the batch stream is not rewound): a step that failed on the
-    very batch after the snapshot would otherwise fail identically however low the learning rate.
-    An analog run's devices are reprogrammed toward the snapshot (:meth:`AnalogSession.roll_back`).
-    """
-    t, failed = s.cfg.train, s.state
-    # Before the first update the operator is the initial one, whatever the learning rate: only a
-    # fresh batch can change the outcome, so the retries keep the learning rate.
-    initial = failed.step == 0 and reason != NONFINITE_UPDATE
-    if failed.rollbacks >= t.max_rollbacks:
-        if initial:
-            raise TrainingDiverged(
-                f"the initial operator does not relax: {reason}, on {failed.rollbacks + 1} batches at step 0 "
-                f"(the learning rate is not the cause): try --solver broyden (a stiff field), a smaller "
-                f"--init_std or a larger damping --c")
-        raise TrainingDiverged(f"training diverged at step {failed.step} ({reason}) after {failed.rollbacks} "
-                               f"rollbacks: lower --lr or hold contraction (--eigreg 1 --eig_margin 0.5)")
-    stream, masks = s.batches.get_state(), s.masks.get_state()
-    load_session_state(s, snapshot)
-    s.batches.set_state(stream)
-    s.masks.set_state(masks)
-    s.state.rollbacks = failed.rollbacks + 1
-    s.state.best_val = failed.best_val  # best/ on disk stays the best
-    s.state.lr_scale = failed.lr_scale * (1.0 if initial else t.lr_backoff)
-    event = {"event": "rollback", "step": failed.step, "to_step": s.state.step, "reason": reason,
-             "lr_scale": s.state.lr_scale}
-    devices_note = ""
-    if devices is not None:  # after the Session: the model then takes what the reprogrammed devices read
-        event["reprogram_writes"] = devices.roll_back(snapshot["devices"])
-        devices_note = f", devices reprogrammed with {event['reprogram_writes']} pulses"
-    metrics.write(event)
-    log(f"step {failed.step}: {reason}; rolled back to step {s.state.step}, lr x{s.state.lr_scale:g}"
-        f"{devices_note}")
-
-
-def rollback_point(s: Session, devices: AnalogSession | None) -> dict[str, Any]:
-    """What :func:`rollback` returns to: the Session's state and, in an analog run, the controller's
-    record of the devices (:meth:`AnalogSession.rollback_point`)."""
-    st = session_state(s)
-    if devices is not None:
-        st["devices"] = devices.rollback_point()
-    return st
 
 
 def _evaluate(s: Session, data: TokenData, max_batches: int | None,
