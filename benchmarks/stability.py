@@ -50,6 +50,10 @@ RECIPES: dict[str, list[str]] = {
     "bptt": ["--eigreg", "0", "--mode", "bptt"],
     "bptt_eig05": ["--mode", "bptt", "--eigreg", "1", "--eig_margin", "0.5"],
     "bp": ["--mode", "bp"],
+    "c025": ["--eigreg", "1", "--eig_margin", "0.5", "--c", "0.25"],  # the damping experiment's best
+    "bptt_c025": ["--eigreg", "0", "--mode", "bptt", "--c", "0.25"],
+    "sched05_0": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "0"],  # 0.5 → 0 over the decay
+    "sched05_m1": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1"],
 }
 
 

@@ -210,3 +210,24 @@ def test_eigreg_lowers_the_numerical_abscissa():
     after = omega()
     assert before > -1.0  # the margin was violated, so the penalty was active
     assert after < before - 0.1
+
+
+def test_the_margin_schedule_moves_over_the_decay_and_sets_the_penalty():
+    from ept.controls import eig_margin_at
+    from ept.optim import decay_left
+
+    cfg = ControlConfig(eigreg=0.5, eig_margin=0.5, eig_margin_end=0.0)
+    # 100 steps, the last 30% decaying: held until step 70, halfway at 85, 0 at the end.
+    left = [decay_left(s, 100, 0.3) for s in (0, 69, 70, 85, 100)]
+    assert left == pytest.approx([1.0, 1.0, 1.0, 0.5, 0.0])
+    assert [eig_margin_at(cfg, x) for x in left] == pytest.approx([0.5, 0.5, 0.5, 0.25, 0.0])
+    assert eig_margin_at(ControlConfig(eigreg=0.5, eig_margin=0.5), 0.0) == 0.5  # no end: held
+    # The penalty at decay d is the fixed-margin penalty at eig_margin_at(cfg, d).
+    model, x, z = make(B=2)
+    n = z[0].numel()
+    sched = Controller(ControlConfig(eigreg=0.5, eig_margin=10.0, eig_margin_end=4.0, eig_iters=n))
+    fixed = Controller(ControlConfig(eigreg=0.5, eig_margin=7.0, eig_iters=n))
+    g_sched, logs = sched.penalty_grads(model, x, z, {}, decay=0.5)
+    g_fixed, _ = fixed.penalty_grads(model, x, z, {})
+    assert logs["eig_margin"] == pytest.approx(7.0)
+    assert_grads_close(g_sched, g_fixed, rel=1e-10)

@@ -312,6 +312,9 @@ class ControlConfig:
     hutch: int = setting(1, "jacreg: Hutchinson probes per step")
     eigreg: float = setting(0.0, "eigreg: weight of relu(omega + margin)², omega = u'Ju at z*")
     eig_margin: float = setting(1.0, "eigreg: keep omega(J) <= -this")
+    eig_margin_end: float | None = setting(
+        None, "eigreg: the margin at the last step, reached linearly over the learning rate's decay "
+        "(--wsd); None holds --eig_margin throughout")
     eig_iters: int = setting(8, "eigreg: Lanczos steps per training step (warm-started)")
     # "sym": ω is the numerical abscissa (the log-norm); "slow": the residual F(z*) the free phase
     # left, which its slowest modes dominate (no Lanczos).

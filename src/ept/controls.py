@@ -37,6 +37,15 @@ def _rownorm(v: Tensor) -> Tensor:
     return torch.linalg.vector_norm(v.flatten(1), dim=1).view(-1, *([1] * (v.dim() - 1)))
 
 
+def eig_margin_at(cfg: ControlConfig, decay: float) -> float:
+    """eigreg's margin with ``decay`` of the learning rate's decay left: ``eig_margin`` until the
+    decay starts, ``eig_margin_end`` (when set) at its end, linear between. A looser hold late buys
+    back loss once the learning rate is too small to push the operator off contraction."""
+    if cfg.eig_margin_end is None:
+        return cfg.eig_margin
+    return cfg.eig_margin_end + (cfg.eig_margin - cfg.eig_margin_end) * decay
+
+
 def top_symmetric_eig(
     apply_s, start: Tensor, iters: int, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -125,12 +134,14 @@ class Controller:
 
     # -- the penalties ---------------------------------------------------------------------
     def penalty_grads(
-        self, model: EquilibriumLM, x: Tensor, z_star: Tensor, stats: dict[str, Any]
+        self, model: EquilibriumLM, x: Tensor, z_star: Tensor, stats: dict[str, Any], decay: float = 1.0
     ) -> tuple[Grads, dict[str, float]]:
         """Gradients of the active penalties w.r.t. the model's parameters at (x, z*), and logs.
 
         Call once per training step, after the free phase (``stats`` is ``ept.gradient``'s, whose
-        ``free_residual`` drives the jacreg controller). Returns ({}, {}) when no control is on.
+        ``free_residual`` drives the jacreg controller). ``decay`` is how much of the learning
+        rate's decay is left (1 until it starts, 0 at the end: :func:`ept.optim.decay_left`), which
+        moves eigreg's margin toward ``eig_margin_end``. Returns ({}, {}) when no control is on.
         """
         cfg = self.cfg
         if not cfg.active:
@@ -158,8 +169,11 @@ class Controller:
             if cfg.eigreg > 0:
                 (jt_u,) = torch.autograd.grad((fz * u).sum(), zr, create_graph=True)
                 omega = (jt_u * u).flatten(1).sum(1)  # uᵀJu per sequence
-                total = total + cfg.eigreg * torch.relu(omega + cfg.eig_margin).pow(2).mean()
+                margin = eig_margin_at(cfg, decay)
+                total = total + cfg.eigreg * torch.relu(omega + margin).pow(2).mean()
                 logs.update(eig_omega=omega.max().item(), eig_omega_mean=omega.mean().item())
+                if cfg.eig_margin_end is not None:
+                    logs["eig_margin"] = margin
             logs["penalty"] = total.item()
             grads = param_grads(model, total)
         return {k: g.detach() for k, g in grads.items()}, logs

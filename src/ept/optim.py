@@ -90,6 +90,15 @@ def wsd_factor(step: int, steps: int, warmup: int, decay: float) -> float:
     return 1.0
 
 
+def decay_left(step: int, steps: int, decay: float) -> float:
+    """How much of the WSD decay is left at ``step``: 1 before it starts, falling linearly to 0 at
+    ``steps`` (1 throughout when ``decay`` is 0)."""
+    n_decay = int(round(decay * steps))
+    if n_decay <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (steps - step) / n_decay))
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

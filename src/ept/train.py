@@ -42,7 +42,7 @@ from ept.evaluate import Predictor, fill_masks, generate, render_fill, unigram_c
 from ept.grad import gradient
 from ept.grad.common import n_targets
 from ept.model import EquilibriumLM
-from ept.optim import ParamEMA, set_lr, wsd_factor
+from ept.optim import ParamEMA, decay_left, set_lr, wsd_factor
 from ept.plots import plot_curves
 from ept.recovery import (  # TrainingDiverged re-exported: what train() raises
     NONFINITE_UPDATE,
@@ -121,7 +121,8 @@ def step_gradient(s: Session, idx: Tensor, targets: Tensor) -> tuple[dict[str, T
             grads = {k: g * (kept_targets / total) for k, g in grads.items()}
     if s.controller is not None and z_star is not None and not stats["diverged"]:
         x = s.model.inject(idx).detach()
-        extra, logs = s.controller.penalty_grads(s.model, x, z_star, stats)
+        left = decay_left(s.state.step, cfg.train.steps, cfg.train.wsd)
+        extra, logs = s.controller.penalty_grads(s.model, x, z_star, stats, left)
         if group.world > 1:
             share = idx.shape[0] / cfg.train.B
             extra = {k: g * share for k, g in extra.items()}
