@@ -124,6 +124,8 @@ class Bench:
 
     def start(self, cmd: list[str]) -> subprocess.Popen:
         # stderr to a file: a pipe nobody reads could fill and stall the run
+        if getattr(self, "stderr", None) is not None:
+            self.stderr.close()  # the previous process's: only the last one's is read
         self.stderr = tempfile.TemporaryFile("w+", dir=self.work)
         return subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=self.stderr,
                                 text=True, start_new_session=True, preexec_fn=_ignore_sigxfsz)
@@ -213,7 +215,7 @@ class Bench:
 
     def damaged_checkpoint(self, how: str) -> str | None:
         run = self.stopped_run(f"damaged_{how}", 4)
-        newest = run / json.loads((run / "latest.json").read_text())["checkpoint"]
+        newest = run / _latest_name(run)
         weights_file = newest / "model.safetensors"
         data = bytearray(weights_file.read_bytes())
         if how == "flip":

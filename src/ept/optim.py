@@ -83,11 +83,7 @@ def wsd_factor(step: int, steps: int, warmup: int, decay: float) -> float:
     over the last ``decay`` fraction of ``steps`` (the seed's ``--wsd``; 0 keeps it flat)."""
     if warmup > 0 and step < warmup:
         return (step + 1) / warmup
-    n_decay = int(round(decay * steps))
-    start = steps - n_decay
-    if n_decay > 0 and step >= start:
-        return max(0.0, (steps - step) / n_decay)
-    return 1.0
+    return decay_left(step, steps, decay)
 
 
 def decay_left(step: int, steps: int, decay: float) -> float:
