@@ -1,6 +1,6 @@
 """Data-parallel throughput: N ranks × 1 thread against 1 process × 1 thread, same global batch.
 
-    python benchmarks/distributed.py [--nproc 2] [--steps 40] [--B 64] [--json]
+    python benchmarks/distributed.py [--nproc 2] [--steps 40] [--B 64] [--train_flags "..."] [--json]
 
 Both runs train the tiny preset from the same seed on the same global batches (``ept train`` and
 ``torchrun --standalone --nproc_per_node N -m ept train``), side by side in one invocation. The
@@ -51,12 +51,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="training steps of each run")
     ap.add_argument("--log_every", type=int, default=5, help="steps per timed window")
     ap.add_argument("--B", type=int, default=64, help="global batch (sequences)")
+    ap.add_argument("--train_flags", default="", help="more flags for both runs, e.g. '--no-hold_memory'")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = ["--steps", str(args.steps), "--B", str(args.B), "--eval_every", str(args.steps),
              "--eval_batches", "1", "--sample_tokens", "1", "--log_every", str(args.log_every),
-             "--threads", "1", "--json"]
+             "--threads", "1", "--json", *args.train_flags.split()]
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         one = _train([sys.executable, "-m", "ept", "train", *flags, "--out", f"{tmp}/one"], env,
@@ -68,6 +69,7 @@ def main() -> None:
         rows[name] = {"seconds": r["seconds"], "it_s": r["step_it_s"], "val_ce": r["val_ce"]}
     speedup = rows[f"{args.nproc} ranks"]["it_s"] / rows["1 process"]["it_s"]
     record = {"benchmark": "distributed", "nproc": args.nproc, "steps": args.steps, "B": args.B,
+              "train_flags": args.train_flags,
               "rows": rows, "speedup": speedup,
               "val_ce_abs_diff": abs(one["val_ce"] - many["val_ce"]),
               "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",

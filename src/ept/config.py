@@ -381,6 +381,8 @@ class TrainConfig:
     device: str = setting("cpu", "cpu, or cuda (under torchrun: each rank's own GPU, LOCAL_RANK)",
                           choices=("cpu", "cuda"))
     threads: int = setting(0, "torch CPU threads (0: torch's default); small models run best on 1")
+    hold_memory: bool = setting(True, "on CPU, keep the memory a step frees for the next one (glibc "
+                                "mallopt) instead of faulting it back in (a sixth of a tiny step)")
     mask_rate: float = setting(0.15, "--objective mlm: the fraction of each sequence's tokens masked (at "
                                "least one), for training and evaluation")
 

@@ -41,6 +41,7 @@ from ept.distributed import SINGLE, Group, ParallelConfigError, all_reduce_grads
 from ept.evaluate import Predictor, fill_masks, generate, render_fill, unigram_ce, validation
 from ept.grad import gradient
 from ept.grad.common import n_targets
+from ept.memory import hold_freed_memory
 from ept.model import EquilibriumLM
 from ept.optim import ParamEMA, decay_left, set_lr, wsd_factor
 from ept.plots import plot_curves
@@ -267,6 +268,8 @@ def train(cfg: RunConfig, data: TokenData, run: Path | None = None, *, resume: b
     """
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.hold_memory and cfg.train.device == "cpu":
+        hold_freed_memory()
     if group.world > 1:
         if analog is not None:
             raise ParallelConfigError("--analog under torchrun is not supported yet: the devices' read "
