@@ -1,6 +1,7 @@
 """Data-parallel throughput: N ranks × 1 thread against 1 process × 1 thread, same global batch.
 
-    python benchmarks/distributed.py [--nproc 2] [--steps 40] [--B 64] [--train_flags "..."] [--json]
+    python benchmarks/distributed.py [--nproc 2] [--steps 40] [--B 64] [--train_flags "..."]
+        [--versus "--no-hold_memory"] [--repeats 3] [--json]
 
 Both runs train the tiny preset from the same seed on the same global batches (``ept train`` and
 ``torchrun --standalone --nproc_per_node N -m ept train``), side by side in one invocation. The
@@ -19,6 +20,7 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,32 +54,51 @@ def main() -> None:
     ap.add_argument("--log_every", type=int, default=5, help="steps per timed window")
     ap.add_argument("--B", type=int, default=64, help="global batch (sequences)")
     ap.add_argument("--train_flags", default="", help="more flags for both runs, e.g. '--no-hold_memory'")
+    ap.add_argument("--versus", default="", help="flags of a second condition timed alongside, each repeat "
+                    "running both: e.g. '--no-hold_memory'")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating repeats; the figure is their median")
     ap.add_argument("--json", action="store_true", help="print one JSON object last")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = ["--steps", str(args.steps), "--B", str(args.B), "--eval_every", str(args.steps),
              "--eval_batches", "1", "--sample_tokens", "1", "--log_every", str(args.log_every),
              "--threads", "1", "--json", *args.train_flags.split()]
-    rows = {}
+    conditions = {"": flags}
+    if args.versus:
+        conditions[args.versus] = [*flags, *args.versus.split()]
+    many_name = f"{args.nproc} ranks"
+    trials: dict[str, list[dict]] = {c: [] for c in conditions}
+    # Repeats alternate the runs, so a slow minute of a shared host falls on both alike; the
+    # median speed-up of the repeats is the figure.
     with tempfile.TemporaryDirectory() as tmp:
-        one = _train([sys.executable, "-m", "ept", "train", *flags, "--out", f"{tmp}/one"], env,
-                     Path(tmp, "one"))
-        many = _train([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                       str(args.nproc), "-m", "ept", "train", *flags, "--out", f"{tmp}/many"], env,
-                      Path(tmp, "many"))
-    for name, r in (("1 process", one), (f"{args.nproc} ranks", many)):
-        rows[name] = {"seconds": r["seconds"], "it_s": r["step_it_s"], "val_ce": r["val_ce"]}
-    speedup = rows[f"{args.nproc} ranks"]["it_s"] / rows["1 process"]["it_s"]
+        for r, (cond, cflags) in itertools.product(range(args.repeats), conditions.items()):
+            tag = f"{r}{'v' if cond else ''}"
+            one = _train([sys.executable, "-m", "ept", "train", *cflags, "--out", f"{tmp}/one{tag}"], env,
+                         Path(tmp, f"one{tag}"))
+            many = _train([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(args.nproc), "-m", "ept", "train", *cflags, "--out", f"{tmp}/many{tag}"], env,
+                          Path(tmp, f"many{tag}"))
+            trials[cond].append({
+                "1 process": {"seconds": one["seconds"], "it_s": one["step_it_s"], "val_ce": one["val_ce"]},
+                many_name: {"seconds": many["seconds"], "it_s": many["step_it_s"], "val_ce": many["val_ce"]},
+                "speedup": many["step_it_s"] / one["step_it_s"],
+                "val_ce_abs_diff": abs(one["val_ce"] - many["val_ce"])})
     record = {"benchmark": "distributed", "nproc": args.nproc, "steps": args.steps, "B": args.B,
-              "train_flags": args.train_flags,
-              "rows": rows, "speedup": speedup,
-              "val_ce_abs_diff": abs(one["val_ce"] - many["val_ce"]),
+              "train_flags": args.train_flags, "repeats": args.repeats,
               "machine": f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}",
               "date": time.strftime("%Y-%m-%d"), "commit": _commit()}
-    print(f"{'run':<12} {'wall s':>8} {'it/s':>7} {'val CE':>8}")
-    for name, r in rows.items():
-        print(f"{name:<12} {r['seconds']:>8.1f} {r['it_s']:>7.2f} {r['val_ce']:>8.4f}")
-    print(f"speed-up {speedup:.2f}x on {args.nproc} ranks; |Δ val CE| {record['val_ce_abs_diff']:.2e}")
+    print(f"{'flags':<18} {'repeat':>6} {'1 proc it/s':>12} {f'{many_name} it/s':>13} {'speed-up':>9} "
+          f"{'|Δ val CE|':>11}")
+    for cond, runs in trials.items():
+        speedup = statistics.median(t["speedup"] for t in runs)
+        key = "versus" if cond else "result"
+        record[key] = {"flags": cond, "speedup": speedup, "trials": runs}
+        for i, t in enumerate(runs):
+            one, many = t["1 process"]["it_s"], t[many_name]["it_s"]
+            print(f"{cond or '(as given)':<18} {i:>6} {one:>12.3f} {many:>13.3f} {t['speedup']:>8.2f}x "
+                  f"{t['val_ce_abs_diff']:>11.1e}")
+        print(f"{cond or '(as given)':<18} median speed-up {speedup:.2f}x on {args.nproc} ranks")
+    record["speedup"] = record["result"]["speedup"]
     if args.json:
         print(json.dumps(record))
 

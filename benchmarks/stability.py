@@ -29,31 +29,35 @@ from pathlib import Path
 from typing import Any
 
 # Each recipe: flags on top of `ept train` (the tiny preset). The study's record says which won.
-# The runs of docs/experiments/stability.md predate the tiny preset's eigreg (base is the preset
-# before it: --eigreg 0; eig05 is the preset now).
+# The recipes spell out every eigreg setting, so each means what it meant when its runs were made
+# (base is the preset before eigreg: --eigreg 0; sched05_m1 is the preset since 2026-12-07).
+FIXED = ["--eig_margin_end", "none"]  # the margin held throughout
 RECIPES: dict[str, list[str]] = {
     "base": ["--eigreg", "0"],
     "lr15": ["--eigreg", "0", "--lr", "1.5e-3"],
     "c2": ["--eigreg", "0", "--c", "2"],
     "resreg2": ["--eigreg", "0", "--resreg", "2"],
     "jacreg": ["--eigreg", "0", "--jacreg", "0.1", "--jr_floor", "0.1", "--jr_target", "1e-3"],
-    "eig05": ["--eigreg", "1", "--eig_margin", "0.5"],
-    "eig1": ["--eigreg", "1", "--eig_margin", "1.0"],
-    "eig02": ["--eigreg", "1", "--eig_margin", "0.2"],
-    "eig0": ["--eigreg", "1", "--eig_margin", "0.0"],
-    "eigm1": ["--eigreg", "1", "--eig_margin", "-1.0"],  # lets ω(J) reach +1: non-normal, still held
+    "eig05": ["--eigreg", "1", "--eig_margin", "0.5", *FIXED],
+    "eig1": ["--eigreg", "1", "--eig_margin", "1.0", *FIXED],
+    "eig02": ["--eigreg", "1", "--eig_margin", "0.2", *FIXED],
+    "eig0": ["--eigreg", "1", "--eig_margin", "0.0", *FIXED],
+    "eigm1": ["--eigreg", "1", "--eig_margin", "-1.0", *FIXED],  # lets ω(J) reach +1: non-normal, still held
     "t1max300": ["--eigreg", "0", "--t1max", "300"],
-    "slow05": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_dir", "slow"],
-    "slow1": ["--eigreg", "1", "--eig_margin", "1.0", "--eig_dir", "slow"],
-    "slow2": ["--eigreg", "1", "--eig_margin", "2.0", "--eig_dir", "slow"],
-    "slow1w5": ["--eigreg", "5", "--eig_margin", "1.0", "--eig_dir", "slow"],
+    "slow05": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_dir", "slow", *FIXED],
+    "slow1": ["--eigreg", "1", "--eig_margin", "1.0", "--eig_dir", "slow", *FIXED],
+    "slow2": ["--eigreg", "1", "--eig_margin", "2.0", "--eig_dir", "slow", *FIXED],
+    "slow1w5": ["--eigreg", "5", "--eig_margin", "1.0", "--eig_dir", "slow", *FIXED],
     "bptt": ["--eigreg", "0", "--mode", "bptt"],
-    "bptt_eig05": ["--mode", "bptt", "--eigreg", "1", "--eig_margin", "0.5"],
+    "bptt_eig05": ["--mode", "bptt", "--eigreg", "1", "--eig_margin", "0.5", *FIXED],
     "bp": ["--mode", "bp"],
-    "c025": ["--eigreg", "1", "--eig_margin", "0.5", "--c", "0.25"],  # the damping experiment's best
+    "c025": ["--eigreg", "1", "--eig_margin", "0.5", "--c", "0.25", *FIXED],  # the damping experiment's best
     "bptt_c025": ["--eigreg", "0", "--mode", "bptt", "--c", "0.25"],
     "sched05_0": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "0"],  # 0.5 → 0 over the decay
     "sched05_m1": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1"],
+    # The preset, rolled back only when the batch's mean free residual passes 1 (not 0.1): one
+    # sequence of eight with no equilibrium (which EP leaves out) no longer halves the lr.
+    "sched05_m1_div1": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1", "--div_res", "1"],
 }
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+import pytest
+
 from ept.cli import build_parser
 from ept.cli.train import resolve_new
 from ept.config import FLAGS, SECTIONS
@@ -45,3 +47,18 @@ def test_a_generated_flag_lands_in_its_field():
     assert cfg.solver.mix == 0.7 and cfg.solver.method == "broyden"
     assert cfg.model.bias is False and cfg.model.qknorm is False and cfg.model.vocab_size == 300
     assert cfg.control["eig_dir"] == "slow" and cfg.train.div_patience == 7
+
+
+
+def test_an_optional_setting_takes_none_to_unset_the_presets_value(capsys):
+    def control(argv: list[str]) -> dict:
+        args = vars(train_parser().parse_args(argv))
+        flags = {k: v for k, v in args.items() if not k.startswith("analog") and k != "func"}
+        return resolve_new(flags).control
+
+    assert control([])["eig_margin_end"] == -1.0  # the tiny preset loosens the hold over the decay
+    assert control(["--eig_margin_end", "none"])["eig_margin_end"] is None  # a fixed margin
+    assert control(["--eig_margin_end", "0.25"])["eig_margin_end"] == 0.25
+    with pytest.raises(SystemExit) as stop:
+        train_parser().parse_args(["--eig_margin_end", "loose"])
+    assert stop.value.code == 2 and "invalid float value: 'loose'" in capsys.readouterr().err

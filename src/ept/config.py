@@ -314,7 +314,7 @@ class ControlConfig:
     eig_margin: float = setting(1.0, "eigreg: keep omega(J) <= -this")
     eig_margin_end: float | None = setting(
         None, "eigreg: the margin at the last step, reached linearly over the learning rate's decay "
-        "(--wsd); None holds --eig_margin throughout")
+        "(--wsd); none holds --eig_margin throughout")
     eig_iters: int = setting(8, "eigreg: Lanczos steps per training step (warm-started)")
     # "sym": ω is the numerical abscissa (the log-norm); "slow": the residual F(z*) the free phase
     # left, which its slowest modes dominate (no Lanczos).
@@ -466,6 +466,7 @@ class Flag:
     help: str
     aliases: tuple[str, ...] = ()
     choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
+    optional: bool = False  # the field may be None: the flag takes 'none'
 
 
 def _scalar(hint: Any) -> type:
@@ -478,7 +479,8 @@ def section_flags(section: str) -> list[Flag]:
     cls = SECTIONS[section]
     hints = typing.get_type_hints(cls)
     return [Flag(f.metadata.get("flag", f.name), section, f.name, _scalar(hints[f.name]), f.default,
-                 f.metadata["help"], f.metadata.get("aliases", ()), f.metadata.get("choices"))
+                 f.metadata["help"], f.metadata.get("aliases", ()), f.metadata.get("choices"),
+                 type(None) in typing.get_args(hints[f.name]))
             for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
 
 

@@ -48,6 +48,15 @@ GROUPS = {"train": "training", "model": "model", "solver": "free and nudged phas
           "ep": "free and nudged phases", "control": "stability controls", "data": "data"}
 
 
+def _or_none(kind: type) -> Callable[[str], Any]:
+    """A flag's parser for an optional setting: 'none' gives None (a preset's value can be unset)."""
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse's error names the type
+    return parse
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field (:data:`ept.config.FLAGS`), its help text the field's own."""
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -61,7 +70,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                                    default=argparse.SUPPRESS, help=flag.help)
                 continue
             choices = flag.choices() if callable(flag.choices) else flag.choices
-            group.add_argument(*names, dest=flag.name, type=flag.type, choices=choices,
+            kind = _or_none(flag.type) if flag.optional else flag.type
+            group.add_argument(*names, dest=flag.name, type=kind, choices=choices,
                                default=argparse.SUPPRESS, help=flag.help)
         if section == "ep":
             for name, text in SEED_FLAGS.items():
