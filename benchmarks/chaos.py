@@ -45,6 +45,8 @@ from pathlib import Path
 
 import torch
 
+from ept.testing import tree
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 10
 FLAGS = ["--C", "16", "--H", "2", "--T", "16", "--B", "4", "--vocab_size", "300", "--T1", "2",
@@ -52,22 +54,13 @@ FLAGS = ["--C", "16", "--H", "2", "--T", "16", "--B", "4", "--vocab_size", "300"
          "--ckpt_every", "1", "--keep", "2", "--log_every", "1", "--eval_every", "5",
          "--eval_batches", "1", "--sample_tokens", "4", "--threads", "1"]
 
-# A child that trains with a numerical fault at one step (the tests' hook: step_gradient patched).
+# A child that trains with a numerical fault at one step (ept.testing's hook, as the tests use it).
 _FAULTY_CHILD = """
-import math, sys, torch
+import sys
 import ept.train as tr
 from ept.cli import main
-real, at, kind = tr.step_gradient, int(sys.argv[1]), sys.argv[2]
-def faulty(s, idx, targets):
-    grads, stats = real(s, idx, targets)
-    if s.state.step == at and s.state.lr_scale == 1.0:
-        if kind == "nan_grad":
-            grads = {k: torch.full_like(g, math.nan) for k, g in grads.items()}
-            stats["diverged"] = True
-        else:
-            stats.update(diverged=True, free_diverged=True)
-    return grads, stats
-tr.step_gradient = faulty
+from ept.testing import fault_at
+tr.step_gradient = fault_at(tr.step_gradient, int(sys.argv[1]), sys.argv[2])
 sys.exit(main(sys.argv[3:]))
 """
 
@@ -313,11 +306,11 @@ class Bench:
     # ---------------------------------------------------------------------------- bad inputs
     def bad_input(self, tally: Tally, name: str, argv: list[str], watched: Path | None) -> None:
         tally.bad_inputs_tried += 1
-        before = _tree(watched) if watched is not None and watched.exists() else None
+        before = tree(watched) if watched is not None and watched.exists() else None
         out = subprocess.run([sys.executable, "-m", "ept", *argv], env=self.env, capture_output=True,
                              text=True, check=False)
         lines = [x for x in out.stderr.strip().splitlines() if x.startswith("ept ")]
-        after = _tree(watched) if watched is not None and watched.exists() else None
+        after = tree(watched) if watched is not None and watched.exists() else None
         if out.returncode == 2 and len(lines) == 1 and before == after:
             tally.bad_inputs_refused += 1
             self.log(f"bad input {name}: refused ({lines[0][:90]})")
@@ -398,11 +391,6 @@ def _latest_step(run: Path) -> int:
         return -1
 
 
-def _tree(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in folder.rglob("*") if p.is_file()}
-
-
 def _ignore_sigxfsz() -> None:
     """A write past RLIMIT_FSIZE then fails with EFBIG (what a full quota looks like) instead of
     killing the process with SIGXFSZ."""
@@ -425,8 +413,8 @@ def run(kills: int, rekills: int, seed: int, quick: bool, log: Callable[[str], N
             "full disk": bench.full_disk,
             "second writer": bench.second_writer,
             "pickle in a checkpoint": bench.pickle_in_checkpoint,
-            "NaN gradient": lambda: bench.numerical("nan_grad"),
-            "inf field": lambda: bench.numerical("inf_field"),
+            "NaN gradient": lambda: bench.numerical("grad"),
+            "inf field": lambda: bench.numerical("field"),
         }
         for name, check in faults.items():
             if not quick or name in QUICK_FAULTS:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import pickle
 import shutil
@@ -20,14 +19,10 @@ import ept.checkpoint as ckpt
 import ept.train as tr
 from ept.cli import main
 from ept.runlock import LOCK_FILE, RunLock
+from ept.testing import fault_at, tree
 from ept.train import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _tree(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in folder.rglob("*") if p.is_file()}
 
 
 def _one_line_exit(capsys, argv: list[str], code: int, *words: str) -> str:
@@ -58,7 +53,7 @@ def run_copy(run_folder, tmp_path) -> Path:
 
 def test_a_live_writer_refuses_a_second_one_and_a_dead_ones_lock_is_taken_over(run_copy, capsys,
                                                                                corpus_file):
-    before = _tree(run_copy)
+    before = tree(run_copy)
     lock = RunLock.acquire(run_copy)  # what a live ept train holds
     try:
         _one_line_exit(capsys, ["train", "--resume", str(run_copy)], 2, "in use by a live ept train",
@@ -67,7 +62,7 @@ def test_a_live_writer_refuses_a_second_one_and_a_dead_ones_lock_is_taken_over(r
                        "in use by a live ept train")
     finally:
         lock.release()
-    assert _tree(run_copy) == before
+    assert tree(run_copy) == before
     # A killed run leaves its lock file behind, but no lock: the next run takes it over and says so.
     (run_copy / LOCK_FILE).write_text(json.dumps({"pid": 999999, "host": "elsewhere", "since": "then"}))
     assert main(["train", "--resume", str(run_copy), "--steps", "6"]) == 0
@@ -151,29 +146,11 @@ def test_a_pickle_in_a_checkpoint_is_refused_and_never_runs(run_copy, capsys, co
 # ------------------------------------------------------------- a kill between a rollback and a save
 
 
-def _fault_at(step: int, kind: str):
-    """step_gradient with a fault at ``step`` the first time it is reached at the full learning rate
-    (so the fault is part of the run's history, not of the process that happens to replay it)."""
-    real = tr.step_gradient
-
-    def faulty(s, idx, targets):
-        grads, stats = real(s, idx, targets)
-        if s.state.step == step and s.state.lr_scale == 1.0:
-            if kind == "grad":
-                grads = {k: torch.full_like(g, math.nan) for k, g in grads.items()}
-                stats["diverged"] = True
-            else:  # the field returned inf: the free phase blew up
-                stats.update(diverged=True, free_diverged=True)
-        return grads, stats
-
-    return faulty
-
-
 def test_a_resume_after_a_rollback_is_bit_identical(tokens, tmp_path, monkeypatch):
     # Snapshots every 4 steps, checkpoints every step: the rollback at step 6 returns to step 4, and
     # a checkpoint written at step 5 must know that.
     flags = dict(steps=10, ckpt_every=1, log_every=4, eval_every=5, keep=2)
-    monkeypatch.setattr(tr, "step_gradient", _fault_at(6, "field"))
+    monkeypatch.setattr(tr, "step_gradient", fault_at(tr.step_gradient, 6, "field"))
     for name in ("whole", "part"):
         (tmp_path / name).mkdir()
     whole = train(small_cfg(tokens, **flags), tokens, tmp_path / "whole", log=quiet)
@@ -194,7 +171,7 @@ def test_a_resume_after_a_rollback_is_bit_identical(tokens, tmp_path, monkeypatc
 
 
 def test_a_nan_gradient_rolls_back_and_no_nan_is_ever_saved(tokens, tmp_path, monkeypatch):
-    monkeypatch.setattr(tr, "step_gradient", _fault_at(3, "grad"))
+    monkeypatch.setattr(tr, "step_gradient", fault_at(tr.step_gradient, 3, "grad"))
     out = train(small_cfg(tokens, steps=6, ckpt_every=1, keep=10), tokens, tmp_path, log=quiet)
     assert out["finished"] and out["rollbacks"] == 1
     for folder in sorted(tmp_path.glob("ckpt-*")) + sorted((tmp_path / "best").glob("ckpt-*")):
@@ -235,17 +212,17 @@ def test_more_bad_input_is_one_line_exit_2_and_changes_nothing(run_copy, tmp_pat
     cfg = json.loads((run_copy / "config.json").read_text())
     cfg["solver"]["eps"] = -1.0  # a hand edit
     (run_copy / "config.json").write_text(json.dumps(cfg))
-    before = _tree(run_copy)
+    before = tree(run_copy)
     _one_line_exit(capsys, ["train", "--resume", str(run_copy)], 2, "config.json", "eps must be > 0")
-    assert _tree(run_copy) == before
+    assert tree(run_copy) == before
 
     (other / "tokenizer.json").unlink()
     # A killed run's lock left behind: a refused --resume leaves it as it was.
     (other / LOCK_FILE).write_text(json.dumps({"pid": 999999, "host": "elsewhere", "since": "then"}))
-    before = _tree(other)
+    before = tree(other)
     _one_line_exit(capsys, ["train", "--resume", str(other)], 2, "tokenizer.json")
     _one_line_exit(capsys, ["eval", "--ckpt", str(other), "--data", str(corpus_file)], 2, "tokenizer.json")
-    assert _tree(other) == before
+    assert tree(other) == before
 
     # Another shape's weights are refused before the new folder gets any file.
     fresh = tmp_path / "fresh"
