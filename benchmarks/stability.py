@@ -58,6 +58,10 @@ RECIPES: dict[str, list[str]] = {
     # The preset, rolled back only when the batch's mean free residual passes 1 (not 0.1): one
     # sequence of eight with no equilibrium (which EP leaves out) no longer halves the lr.
     "sched05_m1_div1": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1", "--div_res", "1"],
+    # The preset with jacreg's controller on top: eigreg holds the top of J's symmetric part, jacreg
+    # its Frobenius norm (the stiffness that slows the free phase), raised while the residual is high.
+    "sched05_m1_jac": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1",
+                       "--jacreg", "0.1", "--jr_floor", "0.1", "--jr_target", "1e-3"],
 }
 
 
