@@ -13,7 +13,8 @@ tenth of the run, the lowest cos(EP, implicit) and the last numerical and spectr
 diagnostics logged. ``--png`` draws the trajectories side by side (val CE, worst free residual,
 F-evals, ω(J), cos); ``--json`` ends with one JSON line holding every row; ``--heldout FILE``
 adds each run's CE on a text that neither training nor the periodic evaluations (which pick
-RUN/best) ever read.
+RUN/best) ever read. ``fevals RUNS`` fits the free phase's log F-evals at the diag points on ω(J)
+and the non-normality ||Jv - Jᵀv||/||Jv||: what a contractive operator's free phase slows with.
 """
 
 from __future__ import annotations
@@ -217,6 +218,40 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fevals(args: argparse.Namespace) -> int:
+    """What the free phase's cost follows: log F-evals (T1) at each diag point, least squares on the
+    operator's numerical abscissa ω(J) and its non-normality ||Jv - Jᵀv||/||Jv||, over the runs."""
+    import numpy as np
+
+    pts = []
+    for folder in (Path(f) for f in args.runs if (Path(f) / "metrics.jsonl").is_file()):
+        recs = read(folder)
+        t1 = {r["step"]: r["T1"] for r in recs if r.get("event") is None and "T1" in r}
+        pts += [(t1[r["step"]], r["numerical_abscissa"], r["nonnormality"]) for r in recs
+                if r.get("event") == "diag" and r["step"] in t1 and r.get("nonnormality") is not None]
+    if len(pts) < 4:
+        print("stability: fewer than 4 diag points with F-evals: give EP runs made with --diag_cos",
+              file=sys.stderr)
+        return 2
+    x = np.array(pts, dtype=float)
+    y = np.log(x[:, 0])
+
+    def fit(cols: list[int]) -> tuple[np.ndarray, float]:
+        a = np.c_[np.ones(len(x)), x[:, cols]]
+        coef = np.linalg.lstsq(a, y, rcond=None)[0]
+        return coef, float(1 - ((y - a @ coef) ** 2).sum() / ((y - y.mean()) ** 2).sum())
+
+    (c0, c_omega, c_nn), r2 = fit([1, 2])
+    out = {"points": len(x), "intercept": c0, "per_omega": c_omega, "per_nonnormality": c_nn, "r2": r2,
+           "r2_omega_alone": fit([1])[1], "r2_nonnormality_alone": fit([2])[1]}
+    print(f"log F-evals = {c0:.2f} + {c_omega:.2f}·ω(J) + {c_nn:.2f}·non-normality   "
+          f"(R² {r2:.2f}; ω alone {out['r2_omega_alone']:.2f}, non-normality alone "
+          f"{out['r2_nonnormality_alone']:.2f}; {len(x)} diag points)")
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -228,6 +263,10 @@ def main() -> int:
     r.add_argument("--jobs", type=int, default=1, help="runs at once (one thread each)")
     r.add_argument("--diag", type=int, default=100, help="--diag_cos interval")
     r.set_defaults(func=cmd_run)
+    f = sub.add_parser("fevals", help="fit the free phase's F-evals on ω(J) and non-normality")
+    f.add_argument("runs", nargs="+")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_fevals)
     q = sub.add_parser("report", help="summarise run folders")
     q.add_argument("runs", nargs="+")
     q.add_argument("--png", default=None)
