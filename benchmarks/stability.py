@@ -56,6 +56,7 @@ RECIPES: dict[str, list[str]] = {
     "bptt_c025": ["--eigreg", "0", "--mode", "bptt", "--c", "0.25"],
     "sched05_0": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "0"],  # 0.5 → 0 over the decay
     "sched05_m1": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1"],
+    "sched05_m15": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1.5"],
     # The preset, rolled back only when the batch's mean free residual passes 1 (not 0.1): one
     # sequence of eight with no equilibrium (which EP leaves out) no longer halves the lr.
     "sched05_m1_div1": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1", "--div_res", "1"],
