@@ -33,6 +33,8 @@ from typing import Any
 # The recipes spell out every eigreg setting, so each means what it meant when its runs were made
 # (base is the preset before eigreg: --eigreg 0; sched05_m1 is the preset since 2026-12-07).
 FIXED = ["--eig_margin_end", "none"]  # the margin held throughout
+# The preset since 2026-12-07, spelt out: margin 0.5, loosened to -1 over the decay.
+SCHED05_M1 = ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1"]
 RECIPES: dict[str, list[str]] = {
     "base": ["--eigreg", "0"],
     "lr15": ["--eigreg", "0", "--lr", "1.5e-3"],
@@ -55,15 +57,14 @@ RECIPES: dict[str, list[str]] = {
     "c025": ["--eigreg", "1", "--eig_margin", "0.5", "--c", "0.25", *FIXED],  # the damping experiment's best
     "bptt_c025": ["--eigreg", "0", "--mode", "bptt", "--c", "0.25"],
     "sched05_0": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "0"],  # 0.5 → 0 over the decay
-    "sched05_m1": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1"],
+    "sched05_m1": SCHED05_M1,
     "sched05_m15": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1.5"],
     # The preset, rolled back only when the batch's mean free residual passes 1 (not 0.1): one
     # sequence of eight with no equilibrium (which EP leaves out) no longer halves the lr.
-    "sched05_m1_div1": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1", "--div_res", "1"],
+    "sched05_m1_div1": [*SCHED05_M1, "--div_res", "1"],
     # The preset with jacreg's controller on top: eigreg holds the top of J's symmetric part, jacreg
     # its Frobenius norm (the stiffness that slows the free phase), raised while the residual is high.
-    "sched05_m1_jac": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1",
-                       "--jacreg", "0.1", "--jr_floor", "0.1", "--jr_target", "1e-3"],
+    "sched05_m1_jac": [*SCHED05_M1, "--jacreg", "0.1", "--jr_floor", "0.1", "--jr_target", "1e-3"],
 }
 
 

@@ -49,7 +49,6 @@ def test_a_generated_flag_lands_in_its_field():
     assert cfg.control["eig_dir"] == "slow" and cfg.train.div_patience == 7
 
 
-
 def test_an_optional_setting_takes_none_to_unset_the_presets_value(capsys):
     def control(argv: list[str]) -> dict:
         args = vars(train_parser().parse_args(argv))

@@ -382,7 +382,7 @@ class TrainConfig:
                           choices=("cpu", "cuda"))
     threads: int = setting(0, "torch CPU threads (0: torch's default); small models run best on 1")
     hold_memory: bool = setting(True, "on CPU, keep the memory a step frees for the next one (glibc "
-                                "mallopt) instead of faulting it back in (a sixth of a tiny step)")
+                                "mallopt) instead of faulting it back in (10-20 percent of a B 32 tiny step)")
     mask_rate: float = setting(0.15, "--objective mlm: the fraction of each sequence's tokens masked (at "
                                "least one), for training and evaluation")
 

@@ -2,9 +2,9 @@
 
 Each step allocates and frees the same few hundred MB of activations. With glibc's defaults the
 freed top of the heap goes back to the OS and the next step faults it in again, zeroed page by
-page: at the tiny preset's shapes (B 32) ~27k page faults a step, 15% of its time, and more than
-that when two processes share the cores (benchmarks/results/distributed_cpu-2core_2026-12.md).
-``mallopt`` tells glibc to keep it; the peak footprint is unchanged.
+page: at the tiny preset's shapes (B 32) ~27k page faults a step, 10–20% of its time (20 steps:
+32.1 s, held 26.1 s; another pair 24.5 / 22.2 s). ``mallopt`` tells glibc to keep it; the peak
+footprint barely moves (537 MB resident, held 543 MB).
 """
 
 from __future__ import annotations
