@@ -65,6 +65,10 @@ RECIPES: dict[str, list[str]] = {
     # The preset with jacreg's controller on top: eigreg holds the top of J's symmetric part, jacreg
     # its Frobenius norm (the stiffness that slows the free phase), raised while the residual is high.
     "sched05_m1_jac": [*SCHED05_M1, "--jacreg", "0.1", "--jr_floor", "0.1", "--jr_target", "1e-3"],
+    # eigreg's floor on the bottom of (J+J')/2 as well: the free phase's F-evals follow the spread of
+    # J's spectrum (a trained operator's runs from -5 to -0.4, an initial one's sits at -(1+c)).
+    "sched05_m1_floor3": [*SCHED05_M1, "--eig_floor", "3"],
+    "eig05_floor3": ["--eigreg", "1", "--eig_margin", "0.5", *FIXED, "--eig_floor", "3"],
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ept import EPTConfig, EquilibriumLM
-from ept.controls import ControlConfig, Controller, top_symmetric_eig
+from ept.controls import ControlConfig, Controller, symmetric_extremes, top_symmetric_eig
 from ept.diagnostics import dense_blocks, dense_jacobian
 
 
@@ -126,6 +126,42 @@ def test_eigreg_gradient_is_the_gradient_of_the_top_eigenvalue():
         want = grads_of(model, pen)
     assert logs["eig_omega"] == pytest.approx(omega.max().item(), rel=1e-8)
     assert_grads_close(grads, want)
+
+
+def test_lanczos_bottom_eigenpair_is_the_smallest_algebraic():
+    model, x, z = make(B=2)
+    jac = dense_blocks(model, x, z)
+    s = 0.5 * (jac + jac.transpose(1, 2))
+    want = torch.linalg.eigvalsh(s)
+    apply_s = lambda v: (s @ v.reshape(2, -1, 1)).reshape(v.shape)  # noqa: E731
+    top, _, bottom, v = symmetric_extremes(apply_s, torch.randn_like(z), iters=z[0].numel())
+    assert torch.allclose(top, want[:, -1], rtol=1e-9) and torch.allclose(bottom, want[:, 0], rtol=1e-9)
+    assert (apply_s(v) - bottom.view(-1, 1, 1) * v).norm() < 1e-7
+    # A short run's bottom Ritz value is an upper bound on the bottom eigenvalue, as the top's a lower one.
+    top3, _, bottom3, _ = symmetric_extremes(apply_s, torch.randn_like(z), iters=3)
+    assert (bottom3 >= want[:, 0] - 1e-9).all() and (top3 <= want[:, -1] + 1e-9).all()
+
+
+def test_eig_floor_gradient_is_the_gradient_of_the_bottom_eigenvalue():
+    """The floor's penalty relu(-L - λ_min(S))² beside the margin's, against dense eigvalsh."""
+    model, x, z = make(B=2)
+    n = z[0].numel()
+    ctrl = Controller(ControlConfig(eigreg=0.5, eig_margin=-10.0, eig_floor=0.5, eig_iters=n))
+    grads, logs = ctrl.penalty_grads(model, x, z, {})
+    with torch.enable_grad():
+        fields = [lambda s, b=b: model.field(s, x[b : b + 1], fused=False) for b in range(2)]
+        jac = torch.stack([
+            torch.autograd.functional.jacobian(f, z[b : b + 1], create_graph=True).reshape(n, n)
+            for b, f in enumerate(fields)
+        ])
+        ev = torch.linalg.eigvalsh(0.5 * (jac + jac.transpose(1, 2)))
+        assert (ev[:, 0] < -0.5).all() and (ev[:, -1] < 10.0).all()  # only the floor is active
+        pen = 0.5 * torch.relu(-0.5 - ev[:, 0]).pow(2).mean()
+        want = grads_of(model, pen)
+    assert logs["eig_bottom"] == pytest.approx(ev[:, 0].min().item(), rel=1e-8)
+    assert_grads_close(grads, want)
+    with pytest.raises(ValueError, match="eig_floor"):
+        ControlConfig(eigreg=1.0, eig_floor=0.0)
 
 
 def test_eigreg_along_the_slow_direction_penalises_the_rayleigh_quotient_of_the_residual():

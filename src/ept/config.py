@@ -316,6 +316,11 @@ class ControlConfig:
         None, "eigreg: the margin at the last step, reached linearly over the learning rate's decay "
         "(--wsd); none holds --eig_margin throughout")
     eig_iters: int = setting(8, "eigreg: Lanczos steps per training step (warm-started)")
+    # The free phase's F-evals grow with the spread of J's spectrum, not its top alone
+    # (docs/experiments/stability.md): the floor holds the other end.
+    eig_floor: float | None = setting(
+        None, "eigreg (sym): also keep the bottom of (J+J')/2's spectrum >= -this, the stiff end; none: "
+        "no floor")
     # "sym": ω is the numerical abscissa (the log-norm); "slow": the residual F(z*) the free phase
     # left, which its slowest modes dominate (no Lanczos).
     eig_dir: str = setting("sym", "eigreg: the direction u of u'Ju: sym (top eigenvector of (J+J')/2) or "
@@ -332,6 +337,12 @@ class ControlConfig:
             raise ValueError(f"need jr_up >= 1 and 0 < jr_decay <= 1, got {self.jr_up}, {self.jr_decay}")
         if self.eig_dir not in EIG_DIRS:
             raise ValueError(f"eig_dir '{self.eig_dir}' is not one of {', '.join(EIG_DIRS)}")
+        if self.eig_floor is not None and not self.eig_floor > 0:
+            raise ValueError(f"eig_floor must be > 0 (the bottom of (J+J')/2 is held >= -eig_floor), got "
+                             f"{self.eig_floor}: pass a positive floor or none")
+        if self.eig_floor is not None and self.eig_dir != "sym":
+            raise ValueError("eig_floor needs --eig_dir sym (the floor's direction is the bottom "
+                             "eigenvector of (J+J')/2): drop --eig_floor or use --eig_dir sym")
         if self.hutch < 1 or self.eig_iters < 2:
             raise ValueError(f"need hutch >= 1 and eig_iters >= 2, got {self.hutch}, {self.eig_iters}")
 

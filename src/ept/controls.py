@@ -14,6 +14,8 @@ relaxation):
 - ``eigreg λ --eig_margin m``: λ·mean_b relu(ω_b + m)², ω_b = u_bᵀJu_b with u_b the top
   eigenvector of S = (J+Jᵀ)/2 for sequence b, from a few Lanczos steps on jvp/vjp products,
   warm-started from the previous step's u. With u fixed, ∂ω/∂θ = uᵀ(∂J/∂θ)u (Hellmann–Feynman).
+  ``--eig_floor L`` adds λ·mean_b relu(-L - v_bᵀJv_b)² with v_b the bottom eigenvector of the same
+  Lanczos run: the stiff end, which with the top sets the relaxation's condition number.
 
 ``Controller.penalty_grads`` returns the penalties' parameter gradients, to be added to the loss
 gradient, and the floats to log.
@@ -57,6 +59,17 @@ def top_symmetric_eig(
     and the Ritz value can only improve on the warm start's Rayleigh quotient.
     Returns (θ of shape (B,), u shaped like ``start`` with unit rows).
     """
+    theta, u, _, _ = symmetric_extremes(apply_s, start, iters, generator)
+    return theta, u
+
+
+def symmetric_extremes(
+    apply_s, start: Tensor, iters: int, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(θ_top, u_top, θ_bottom, u_bottom): both extreme Ritz pairs of one Lanczos run (see
+    :func:`top_symmetric_eig`); Krylov spaces resolve both ends of a spectrum first, so the stiff end
+    comes at no extra product. Only the top is warm-started; the bottom Ritz value never
+    undershoots the true bottom eigenvalue."""
     q = start / _rownorm(start).clamp_min(1e-30)
     basis, images = [], []
     for _ in range(iters):
@@ -81,8 +94,10 @@ def top_symmetric_eig(
     SQ = torch.stack([s.flatten(1) for s in images], 1)
     T = Q @ SQ.transpose(1, 2)
     evals, evecs = torch.linalg.eigh(0.5 * (T + T.transpose(1, 2)))
-    u = (evecs[:, :, -1].unsqueeze(1) @ Q).view_as(start)
-    return evals[:, -1], u / _rownorm(u).clamp_min(1e-30)
+    top = (evecs[:, :, -1].unsqueeze(1) @ Q).view_as(start)
+    bottom = (evecs[:, :, 0].unsqueeze(1) @ Q).view_as(start)
+    return (evals[:, -1], top / _rownorm(top).clamp_min(1e-30),
+            evals[:, 0], bottom / _rownorm(bottom).clamp_min(1e-30))
 
 
 class Controller:
@@ -127,10 +142,17 @@ class Controller:
         return self._randn(z)
 
     def top_eigvec(self, model: EquilibriumLM, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        ops = JacobianOps(model, x, z)
-        theta, u = top_symmetric_eig(ops.S, self._eig_start(z), self.cfg.eig_iters, self.generator)
-        self.eig_u = u.detach().clone() if self.rows is None else self.group.all_gather(u.detach())
+        theta, u, _, _ = self.extreme_eigvecs(model, x, z)
         return theta, u
+
+    def extreme_eigvecs(
+        self, model: EquilibriumLM, x: Tensor, z: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Both ends of S = (J+Jᵀ)/2 at (x, z), per sequence; the top's vector is the next warm start."""
+        ops = JacobianOps(model, x, z)
+        top, u, bottom, v = symmetric_extremes(ops.S, self._eig_start(z), self.cfg.eig_iters, self.generator)
+        self.eig_u = u.detach().clone() if self.rows is None else self.group.all_gather(u.detach())
+        return top, u, bottom, v
 
     # -- the penalties ---------------------------------------------------------------------
     def penalty_grads(
@@ -150,7 +172,7 @@ class Controller:
         self.update_weight(stats.get("free_residual"))
         logs: dict[str, float] = {}
         if cfg.eigreg > 0 and cfg.eig_dir == "sym":
-            _, u = self.top_eigvec(model, x, z)
+            _, u, _, v = self.extreme_eigvecs(model, x, z)
         with torch.enable_grad():
             zr = z.clone().requires_grad_(True)
             fz = model.field(zr, x, fused=False)  # unfused: its backward is twice differentiable
@@ -174,6 +196,11 @@ class Controller:
                 logs.update(eig_omega=omega.max().item(), eig_omega_mean=omega.mean().item())
                 if cfg.eig_margin_end is not None:
                     logs["eig_margin"] = margin
+                if cfg.eig_floor is not None:  # the stiff end: vᵀJv >= -eig_floor
+                    (jt_v,) = torch.autograd.grad((fz * v).sum(), zr, create_graph=True)
+                    bottom = (jt_v * v).flatten(1).sum(1)
+                    total = total + cfg.eigreg * torch.relu(-cfg.eig_floor - bottom).pow(2).mean()
+                    logs["eig_bottom"] = bottom.min().item()
             logs["penalty"] = total.item()
             grads = param_grads(model, total)
         return {k: g.detach() for k, g in grads.items()}, logs
