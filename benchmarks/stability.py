@@ -68,6 +68,7 @@ RECIPES: dict[str, list[str]] = {
     # eigreg's floor on the bottom of (J+J')/2 as well: the free phase's F-evals follow the spread of
     # J's spectrum (a trained operator's runs from -5 to -0.4, an initial one's sits at -(1+c)).
     "sched05_m1_floor3": [*SCHED05_M1, "--eig_floor", "3"],
+    "sched05_m1_floor5": [*SCHED05_M1, "--eig_floor", "5"],
     "eig05_floor3": ["--eigreg", "1", "--eig_margin", "0.5", *FIXED, "--eig_floor", "3"],
 }
 
