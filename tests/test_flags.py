@@ -55,7 +55,7 @@ def test_an_optional_setting_takes_none_to_unset_the_presets_value(capsys):
         flags = {k: v for k, v in args.items() if not k.startswith("analog") and k != "func"}
         return resolve_new(flags).control
 
-    assert control([])["eig_margin_end"] == -1.0  # the tiny preset loosens the hold over the decay
+    assert control([])["eig_margin_end"] == -1.5  # the tiny preset loosens the hold over the decay
     assert control(["--eig_margin_end", "none"])["eig_margin_end"] is None  # a fixed margin
     assert control(["--eig_margin_end", "0.25"])["eig_margin_end"] == 0.25
     with pytest.raises(SystemExit) as stop:
