@@ -267,3 +267,22 @@ def test_the_margin_schedule_moves_over_the_decay_and_sets_the_penalty():
     g_fixed, _ = fixed.penalty_grads(model, x, z, {})
     assert logs["eig_margin"] == pytest.approx(7.0)
     assert_grads_close(g_sched, g_fixed, rel=1e-10)
+
+
+def test_eig_every_acts_on_every_nth_step_with_n_times_the_weight():
+    model, x, z = make(B=2)
+    n = z[0].numel()
+    every = Controller(ControlConfig(eigreg=0.5, eig_margin=10.0, eig_iters=n, eig_every=3))
+    once = Controller(ControlConfig(eigreg=1.5, eig_margin=10.0, eig_iters=n))
+    want, _ = once.penalty_grads(model, x, z, {})
+    got, logs = every.penalty_grads(model, x, z, {}, step=6)
+    assert "eig_omega" in logs
+    assert_grads_close(got, want, rel=1e-9)
+    assert every.penalty_grads(model, x, z, {}, step=7) == ({}, {})  # nothing else on: nothing done
+    with_res = Controller(ControlConfig(eigreg=0.5, eig_margin=10.0, eig_every=3, resreg=0.7))
+    res_only = Controller(ControlConfig(resreg=0.7))
+    got, logs = with_res.penalty_grads(model, x, z, {}, step=8)
+    assert "eig_omega" not in logs
+    assert_grads_close(got, res_only.penalty_grads(model, x, z, {})[0], rel=1e-12)
+    with pytest.raises(ValueError, match="eig_every"):
+        ControlConfig(eigreg=1.0, eig_every=0)

@@ -316,6 +316,8 @@ class ControlConfig:
         None, "eigreg: the margin at the last step, reached linearly over the learning rate's decay "
         "(--wsd); none holds --eig_margin throughout")
     eig_iters: int = setting(8, "eigreg: Lanczos steps per training step (warm-started)")
+    # Its Lanczos steps are ~27% of a B 32 EP gradient (docs/experiments/stability.md).
+    eig_every: int = setting(1, "eigreg: act every N training steps, with N x its weight")
     # The free phase's F-evals grow with the spread of J's spectrum, not its top alone
     # (docs/experiments/stability.md): the floor holds the other end.
     eig_floor: float | None = setting(
@@ -343,8 +345,9 @@ class ControlConfig:
         if self.eig_floor is not None and self.eig_dir != "sym":
             raise ValueError("eig_floor needs --eig_dir sym (the floor's direction is the bottom "
                              "eigenvector of (J+J')/2): drop --eig_floor or use --eig_dir sym")
-        if self.hutch < 1 or self.eig_iters < 2:
-            raise ValueError(f"need hutch >= 1 and eig_iters >= 2, got {self.hutch}, {self.eig_iters}")
+        if self.hutch < 1 or self.eig_iters < 2 or self.eig_every < 1:
+            raise ValueError(f"need hutch >= 1, eig_iters >= 2 and eig_every >= 1, got {self.hutch}, "
+                             f"{self.eig_iters}, {self.eig_every}")
 
     @property
     def active(self) -> bool:

@@ -156,27 +156,34 @@ class Controller:
 
     # -- the penalties ---------------------------------------------------------------------
     def penalty_grads(
-        self, model: EquilibriumLM, x: Tensor, z_star: Tensor, stats: dict[str, Any], decay: float = 1.0
+        self, model: EquilibriumLM, x: Tensor, z_star: Tensor, stats: dict[str, Any], decay: float = 1.0,
+        step: int | None = None,
     ) -> tuple[Grads, dict[str, float]]:
         """Gradients of the active penalties w.r.t. the model's parameters at (x, z*), and logs.
 
         Call once per training step, after the free phase (``stats`` is ``ept.gradient``'s, whose
         ``free_residual`` drives the jacreg controller). ``decay`` is how much of the learning
         rate's decay is left (1 until it starts, 0 at the end: :func:`ept.optim.decay_left`), which
-        moves eigreg's margin toward ``eig_margin_end``. Returns ({}, {}) when no control is on.
+        moves eigreg's margin toward ``eig_margin_end``. eigreg acts on the steps that ``step`` (the
+        training step; None: every call) is a multiple of ``eig_every`` at, its weight times
+        ``eig_every``. Returns ({}, {}) when no control acts.
         """
         cfg = self.cfg
         if not cfg.active:
             return {}, {}
         x, z = x.detach(), z_star.detach()
         self.update_weight(stats.get("free_residual"))
+        eig_now = cfg.eigreg > 0 and (step is None or step % cfg.eig_every == 0)
+        if not (eig_now or cfg.resreg > 0 or cfg.jacreg > 0):
+            return {}, {}
+        eig_weight = cfg.eigreg * cfg.eig_every
         logs: dict[str, float] = {}
-        if cfg.eigreg > 0 and cfg.eig_dir == "sym":
+        if eig_now and cfg.eig_dir == "sym":
             _, u, _, v = self.extreme_eigvecs(model, x, z)
         with torch.enable_grad():
             zr = z.clone().requires_grad_(True)
             fz = model.field(zr, x, fused=False)  # unfused: its backward is twice differentiable
-            if cfg.eigreg > 0 and cfg.eig_dir == "slow":
+            if eig_now and cfg.eig_dir == "slow":
                 r = fz.detach()
                 u = r / _rownorm(r).clamp_min(1e-30)
             total = fz.new_zeros(())
@@ -188,18 +195,18 @@ class Controller:
                 fro2 = self._hutchinson(model, fz, zr)
                 total = total + self.jr_weight * fro2
                 logs.update(jr_weight=self.jr_weight, jac_fro2=fro2.item())
-            if cfg.eigreg > 0:
+            if eig_now:
                 (jt_u,) = torch.autograd.grad((fz * u).sum(), zr, create_graph=True)
                 omega = (jt_u * u).flatten(1).sum(1)  # uᵀJu per sequence
                 margin = eig_margin_at(cfg, decay)
-                total = total + cfg.eigreg * torch.relu(omega + margin).pow(2).mean()
+                total = total + eig_weight * torch.relu(omega + margin).pow(2).mean()
                 logs.update(eig_omega=omega.max().item(), eig_omega_mean=omega.mean().item())
                 if cfg.eig_margin_end is not None:
                     logs["eig_margin"] = margin
                 if cfg.eig_floor is not None:  # the stiff end: vᵀJv >= -eig_floor
                     (jt_v,) = torch.autograd.grad((fz * v).sum(), zr, create_graph=True)
                     bottom = (jt_v * v).flatten(1).sum(1)
-                    total = total + cfg.eigreg * torch.relu(-cfg.eig_floor - bottom).pow(2).mean()
+                    total = total + eig_weight * torch.relu(-cfg.eig_floor - bottom).pow(2).mean()
                     logs["eig_bottom"] = bottom.min().item()
             logs["penalty"] = total.item()
             grads = param_grads(model, total)
