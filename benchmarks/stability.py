@@ -72,7 +72,10 @@ RECIPES: dict[str, list[str]] = {
     # J's spectrum (a trained operator's runs from -5 to -0.4, an initial one's sits at -(1+c)).
     "sched05_m1_floor3": [*SCHED05_M1, "--eig_floor", "3"],
     "sched05_m1_floor5": [*SCHED05_M1, "--eig_floor", "5"],
+    "sched05_m15_floor3": [*SCHED05_M15, "--eig_floor", "3"],
+    "sched05_m15_floor4": [*SCHED05_M15, "--eig_floor", "4"],
     "eig05_floor3": ["--eigreg", "1", "--eig_margin", "0.5", *FIXED, "--eig_floor", "3"],
+    "eig05_floor5": ["--eigreg", "1", "--eig_margin", "0.5", *FIXED, "--eig_floor", "5"],
 }
 
 
