@@ -25,6 +25,17 @@ def make(std: float = 0.25, c: float = 0.3, B: int = 1, seed: int = 0):
     return model, x, z
 
 
+def graph_jacobians(model, x, z):
+    """Each sequence's dense J at z, differentiable in the parameters: (B, n, n)."""
+    n = z[0].numel()
+    return torch.stack([
+        torch.autograd.functional.jacobian(
+            lambda s, b=b: model.field(s, x[b : b + 1], fused=False), z[b : b + 1], create_graph=True
+        ).reshape(n, n)
+        for b in range(z.shape[0])
+    ])
+
+
 def grads_of(model, scalar):
     params = dict(model.named_parameters())
     gs = torch.autograd.grad(scalar, list(params.values()), allow_unused=True)
@@ -116,11 +127,7 @@ def test_eigreg_gradient_is_the_gradient_of_the_top_eigenvalue():
     ctrl = Controller(ControlConfig(eigreg=0.5, eig_margin=10.0, eig_iters=n))
     grads, logs = ctrl.penalty_grads(model, x, z, {})
     with torch.enable_grad():
-        fields = [lambda s, b=b: model.field(s, x[b : b + 1], fused=False) for b in range(2)]
-        jac = torch.stack([
-            torch.autograd.functional.jacobian(f, z[b : b + 1], create_graph=True).reshape(n, n)
-            for b, f in enumerate(fields)
-        ])
+        jac = graph_jacobians(model, x, z)
         omega = torch.linalg.eigvalsh(0.5 * (jac + jac.transpose(1, 2)))[:, -1]
         pen = 0.5 * torch.relu(omega + 10.0).pow(2).mean()
         want = grads_of(model, pen)
@@ -149,11 +156,7 @@ def test_eig_floor_gradient_is_the_gradient_of_the_bottom_eigenvalue():
     ctrl = Controller(ControlConfig(eigreg=0.5, eig_margin=-10.0, eig_floor=0.5, eig_iters=n))
     grads, logs = ctrl.penalty_grads(model, x, z, {})
     with torch.enable_grad():
-        fields = [lambda s, b=b: model.field(s, x[b : b + 1], fused=False) for b in range(2)]
-        jac = torch.stack([
-            torch.autograd.functional.jacobian(f, z[b : b + 1], create_graph=True).reshape(n, n)
-            for b, f in enumerate(fields)
-        ])
+        jac = graph_jacobians(model, x, z)
         ev = torch.linalg.eigvalsh(0.5 * (jac + jac.transpose(1, 2)))
         assert (ev[:, 0] < -0.5).all() and (ev[:, -1] < 10.0).all()  # only the floor is active
         pen = 0.5 * torch.relu(-0.5 - ev[:, 0]).pow(2).mean()
@@ -168,18 +171,13 @@ def test_eigreg_along_the_slow_direction_penalises_the_rayleigh_quotient_of_the_
     """eig_dir slow: ω_b = u_bᵀJu_b with u_b = F(z*)_b/||F(z*)_b|| held fixed (no Lanczos), and its
     gradient is that of relu(ω + m)² through J alone, checked against a dense Jacobian."""
     model, x, z = make(B=2)
-    n = z[0].numel()
     ctrl = Controller(ControlConfig(eigreg=0.5, eig_margin=10.0, eig_dir="slow"))
     grads, logs = ctrl.penalty_grads(model, x, z, {})
     with torch.no_grad():
         r = model.field(z, x, fused=False)
         u = (r / r.flatten(1).norm(dim=1).view(-1, 1, 1)).flatten(1)
     with torch.enable_grad():
-        fields = [lambda s, b=b: model.field(s, x[b : b + 1], fused=False) for b in range(2)]
-        jac = torch.stack([
-            torch.autograd.functional.jacobian(f, z[b : b + 1], create_graph=True).reshape(n, n)
-            for b, f in enumerate(fields)
-        ])
+        jac = graph_jacobians(model, x, z)
         omega = torch.einsum("bi,bij,bj->b", u, jac, u)
         pen = 0.5 * torch.relu(omega + 10.0).pow(2).mean()
         want = grads_of(model, pen)
