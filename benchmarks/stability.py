@@ -60,6 +60,7 @@ RECIPES: dict[str, list[str]] = {
     "sched05_0": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "0"],  # 0.5 → 0 over the decay
     "sched05_m1": SCHED05_M1,
     "sched05_m15": SCHED05_M15,
+    "sched05_m2": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-2"],
     # eigreg every 4th step at 4x the weight: its Lanczos steps are a quarter of an EP step's cost.
     "sched05_m15_every4": [*SCHED05_M15, "--eig_every", "4"],
     # The preset, rolled back only when the batch's mean free residual passes 1 (not 0.1): one
