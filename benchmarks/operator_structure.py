@@ -64,10 +64,9 @@ def relax_steps(M: torch.Tensor, probes: torch.Tensor, eps: float = 0.25, shrink
     return None
 
 
-def structure(model: EquilibriumLM, idx: torch.Tensor) -> dict[str, Any]:
+def structure(model: EquilibriumLM, x: torch.Tensor, z: torch.Tensor) -> dict[str, Any]:
+    """The dense figures of one sequence (x, z*: (1, T, C))."""
     T, C = model.cfg.T, model.cfg.C
-    x, z = equilibrium(model, idx)
-    x, z = x[:1], z[:1]  # the first sequence that settled
     J = dense_jacobian(model, x, z).double()
     n = J.shape[0]
     tok = torch.arange(T)
@@ -96,8 +95,7 @@ def structure(model: EquilibriumLM, idx: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def ends(model: EquilibriumLM, idx: torch.Tensor) -> dict[str, Any]:
-    x, z = equilibrium(model, idx)
+def ends(model: EquilibriumLM, x: torch.Tensor, z: torch.Tensor) -> dict[str, Any]:
     ops = JacobianOps(model, x, z)
     out: dict[str, Any] = {}
     for iters in (8, 40):
@@ -112,7 +110,8 @@ def ends(model: EquilibriumLM, idx: torch.Tensor) -> dict[str, Any]:
 def measure(label: str, model: EquilibriumLM) -> dict[str, Any]:
     model = model.eval()
     idx = fixed_batch(builtin_tokens(model.cfg.vocab_size).train, 8, model.cfg.T, seed=1234)[0]
-    return {"run": label, **structure(model, idx), **ends(model, idx)}
+    x, z = equilibrium(model, idx)
+    return {"run": label, **structure(model, x[:1], z[:1]), **ends(model, x, z)}  # the first that settled
 
 
 def describe(r: dict[str, Any]) -> str:

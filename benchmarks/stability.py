@@ -31,11 +31,11 @@ from typing import Any
 
 # Each recipe: flags on top of `ept train` (the tiny preset). The study's record says which won.
 # The recipes spell out every eigreg setting, so each means what it meant when its runs were made
-# (base is the preset before eigreg: --eigreg 0; sched05_m1 is the preset since 2026-12-07).
+# (base is the preset before eigreg: --eigreg 0; sched05_m15 is the preset since 2026-12-07).
 FIXED = ["--eig_margin_end", "none"]  # the margin held throughout
-# The preset since 2026-12-07, spelt out: margin 0.5, loosened to -1 over the decay.
+# Margin 0.5, loosened over the decay to -1 (the preset before) or -1.5 (the preset now).
 SCHED05_M1 = ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1"]
-SCHED05_M15 = ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1.5"]  # the presets' since 12-07
+SCHED05_M15 = ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-1.5"]
 RECIPES: dict[str, list[str]] = {
     "base": ["--eigreg", "0"],
     "lr15": ["--eigreg", "0", "--lr", "1.5e-3"],
@@ -73,9 +73,6 @@ RECIPES: dict[str, list[str]] = {
     # J's spectrum (a trained operator's runs from -5 to -0.4, an initial one's sits at -(1+c)).
     "sched05_m1_floor3": [*SCHED05_M1, "--eig_floor", "3"],
     "sched05_m1_floor5": [*SCHED05_M1, "--eig_floor", "5"],
-    "sched05_m15_floor3": [*SCHED05_M15, "--eig_floor", "3"],
-    "sched05_m15_floor4": [*SCHED05_M15, "--eig_floor", "4"],
-    "eig05_floor3": ["--eigreg", "1", "--eig_margin", "0.5", *FIXED, "--eig_floor", "3"],
     "eig05_floor5": ["--eigreg", "1", "--eig_margin", "0.5", *FIXED, "--eig_floor", "5"],
 }
 

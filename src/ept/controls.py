@@ -169,13 +169,11 @@ class Controller:
         ``eig_every``. Returns ({}, {}) when no control acts.
         """
         cfg = self.cfg
-        if not cfg.active:
-            return {}, {}
-        x, z = x.detach(), z_star.detach()
-        self.update_weight(stats.get("free_residual"))
         eig_now = cfg.eigreg > 0 and (step is None or step % cfg.eig_every == 0)
         if not (eig_now or cfg.resreg > 0 or cfg.jacreg > 0):
             return {}, {}
+        x, z = x.detach(), z_star.detach()
+        self.update_weight(stats.get("free_residual"))
         eig_weight = cfg.eigreg * cfg.eig_every
         logs: dict[str, float] = {}
         if eig_now and cfg.eig_dir == "sym":
