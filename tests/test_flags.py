@@ -10,7 +10,8 @@ import pytest
 
 from ept.cli import build_parser
 from ept.cli.train import resolve_new
-from ept.config import FLAGS, SECTIONS
+from ept.config import SECTIONS
+from ept.flags import FLAGS
 from ept.solvers.registry import SOLVERS
 
 

@@ -1,7 +1,7 @@
 """Every setting of ept, defined once: one dataclass per concern, one field per setting.
 
 A field's help text lives in its metadata (:func:`setting`); ``ept train``'s flags are generated
-from these fields (:data:`FLAGS`), so the CLI spelling, the Python spelling and the config.json key
+from these fields (:data:`ept.flags.FLAGS`), so the CLI spelling, the Python spelling and the config.json key
 are the same word. A run's full configuration is a :class:`RunConfig`, saved as config.json.
 """
 
@@ -10,8 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -463,50 +461,3 @@ class RunConfig:
 # RunConfig's sections, in the order ``ept train --help`` lists them.
 SECTIONS: dict[str, type] = {"train": TrainConfig, "model": EPTConfig, "solver": SolverConfig, "ep": EPConfig,
                              "control": ControlConfig, "data": DataConfig}
-
-
-# ---------------------------------------------------------------------------------- the flags
-
-
-@dataclass(frozen=True)
-class Flag:
-    """One ``ept train`` flag: the setting it sets, its type and its help."""
-
-    name: str  # the CLI spelling (without dashes), also the preset key
-    section: str  # the RunConfig section
-    field: str  # the section's field
-    type: type
-    default: Any
-    help: str
-    aliases: tuple[str, ...] = ()
-    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
-    optional: bool = False  # the field may be None: the flag takes 'none'
-
-
-def _scalar(hint: Any) -> type:
-    """int for ``int | None``, str for ``str | None``, the type itself otherwise."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
-
-
-def section_flags(section: str) -> list[Flag]:
-    cls = SECTIONS[section]
-    hints = typing.get_type_hints(cls)
-    return [Flag(f.metadata.get("flag", f.name), section, f.name, _scalar(hints[f.name]), f.default,
-                 f.metadata["help"], f.metadata.get("aliases", ()), f.metadata.get("choices"),
-                 type(None) in typing.get_args(hints[f.name]))
-            for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
-
-
-def _all_flags() -> dict[str, Flag]:
-    out: dict[str, Flag] = {}
-    for section in SECTIONS:
-        for flag in section_flags(section):
-            for name in (flag.name, *flag.aliases):
-                if name in out:
-                    raise RuntimeError(f"flag --{name} is set by both {out[name].section} and {section}")
-            out[flag.name] = flag
-    return out
-
-
-FLAGS: dict[str, Flag] = _all_flags()  # every config flag of ``ept train``, by its CLI name

@@ -1,6 +1,6 @@
 """Presets, and the run's configuration resolved from a preset and the command line's flags.
 
-Flags use one flat vocabulary, the config fields' names (:data:`ept.config.FLAGS`); a preset is a
+Flags use one flat vocabulary, the config fields' names (:data:`ept.flags.FLAGS`); a preset is a
 dict in the same vocabulary, so ``resolve(preset, flags)`` is "preset, overridden by what was
 given", split into :class:`~ept.config.RunConfig`'s sections. The seed's composite flags map onto
 the configs:
@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 from ept.config import (
-    FLAGS,
     ControlConfig,
     DataConfig,
     EPConfig,
@@ -25,8 +24,8 @@ from ept.config import (
     RunConfig,
     SolverConfig,
     TrainConfig,
-    section_flags,
 )
+from ept.flags import FLAGS, section_flags
 
 # The seed's spellings that are no field of their own (see the module docstring).
 SEED_FLAGS = {"track": "AsymEP correction linearised at the current state (the seed's --asym track)"}

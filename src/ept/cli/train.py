@@ -31,9 +31,10 @@ from ept.analog.cli_args import config_from_args as analog_config_from_args
 from ept.analog.cli_args import overrides_from_args as analog_overrides_from_args
 from ept.checkpoint import CONFIG_FILE, TOKENIZER_FILE
 from ept.cli import UsageError
-from ept.config import SECTIONS, RunConfig, section_flags
+from ept.config import SECTIONS, RunConfig
 from ept.data import DataError, TokenData, load_corpus, prepare
 from ept.distributed import Group, ParallelConfigError, PeerLost, init_from_env
+from ept.flags import section_flags
 from ept.model import EquilibriumLM
 from ept.presets import PRESETS, SEED_FLAGS, resolve
 from ept.runlock import LOCK_FILE, RunLock, RunLocked
@@ -58,7 +59,7 @@ def _or_none(kind: type) -> Callable[[str], Any]:
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (:data:`ept.config.FLAGS`), its help text the field's own."""
+    """One flag per config field (:data:`ept.flags.FLAGS`), its help text the field's own."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for section in SECTIONS:
         title = GROUPS[section]
