@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -60,6 +61,8 @@ RECIPES: dict[str, list[str]] = {
     "sched05_0": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "0"],  # 0.5 → 0 over the decay
     "sched05_m1": SCHED05_M1,
     "sched05_m15": SCHED05_M15,
+    # A looser hold while the learning rate is high (eig02 fixed was 0.02 better than eig05 on seed 2).
+    "sched02_m15": ["--eigreg", "1", "--eig_margin", "0.2", "--eig_margin_end", "-1.5"],
     "sched05_m2": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-2"],
     # eigreg every 4th step at 4x the weight: its Lanczos steps are a quarter of an EP step's cost.
     "sched05_m15_every4": [*SCHED05_M15, "--eig_every", "4"],
@@ -263,6 +266,84 @@ def cmd_fevals(args: argparse.Namespace) -> int:
     return 0
 
 
+def recipe_of(run: str) -> str:
+    """A run folder's recipe: its name without the ``_s<seed>_n<steps>`` tail."""
+    return re.sub(r"_s\d+_n\d+$", "", run)
+
+
+def pareto_points(folders: list[Path], refs: dict[int, float]) -> list[dict[str, Any]]:
+    """(recipe, seed, F-evals growth, val CE over the seed's BPTT reference) of each finished EP run."""
+    pts = []
+    for row in map(summarize, folders):
+        if row["mode"] != "ep" or not row["finished"] or row.get("fevals_growth") is None:
+            continue
+        if row["seed"] not in refs:
+            raise ValueError(f"no BPTT reference for seed {row['seed']} (run {row['run']}): add it to --refs")
+        pts.append({"run": row["run"], "recipe": recipe_of(row["run"]), "seed": row["seed"],
+                    "fevals_growth": row["fevals_growth"], "gap": row["val_ce_final"] - refs[row["seed"]],
+                    "rollbacks": row["rollbacks"], "worst_dropped_share": row["worst_dropped_share"]})
+    return pts
+
+
+def plot_pareto(pts: list[dict[str, Any]], path: str, fevals_target: float, gap_target: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 6))
+    recipes = sorted({p["recipe"] for p in pts})
+    markers = "osD^v<>P*Xh"
+    for i, rec in enumerate(recipes):
+        mine = [p for p in pts if p["recipe"] == rec]
+        ax.scatter([p["fevals_growth"] for p in mine], [p["gap"] for p in mine], s=40,
+                   marker=markers[i % len(markers)], label=rec)
+    ax.fill_between([0, fevals_target], -1, gap_target, color="tab:green", alpha=0.12,
+                    label=f"targets: F-evals ≤ {fevals_target}×, EP ≤ BPTT + {gap_target}")
+    xs, ys = [p["fevals_growth"] for p in pts], [p["gap"] for p in pts]
+    ax.set(xlim=(min(1.0, min(xs) - 0.1), max(xs) + 0.2), ylim=(min(-0.01, min(ys) - 0.01), max(ys) + 0.01),
+           xlabel="free-phase F-evals, last tenth / first tenth (median)",
+           ylabel="val CE − BPTT's (same seed, same steps)",
+           title="EP at 2000 steps: the free phase's cost against the loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def cmd_pareto(args: argparse.Namespace) -> int:
+    """Where each EP run sits between the two targets that trade: F-evals growth and the gap to BPTT."""
+    try:
+        refs = {int(k): float(v) for k, v in (kv.split("=") for kv in args.refs.split(","))}
+    except ValueError:
+        print(f"stability: --refs {args.refs!r} is not SEED=CE[,SEED=CE...]: e.g. --refs 0=3.513,1=3.496",
+              file=sys.stderr)
+        return 2
+    folders = [Path(f) for f in args.runs if (Path(f) / "metrics.jsonl").is_file()]
+    try:
+        pts = pareto_points(folders, refs)
+    except ValueError as err:
+        print(f"stability: {err}", file=sys.stderr)
+        return 2
+    if not pts:
+        print("stability: no finished EP run among the folders given", file=sys.stderr)
+        return 2
+    both = [p for p in pts if p["fevals_growth"] <= args.fevals_target and p["gap"] <= args.gap_target]
+    print("| run | F-evals growth | val CE − BPTT | rollbacks | worst window dropped |")
+    print("|---|---|---|---|---|")
+    for p in sorted(pts, key=lambda p: p["gap"]):
+        print(f"| {p['run']} | {p['fevals_growth']:.2f}× | {p['gap']:+.3f} | {p['rollbacks']} | "
+              f"{100 * p['worst_dropped_share']:.1f}% |")
+    print(f"{len(both)} of {len(pts)} runs meet both targets")
+    if args.png:
+        plot_pareto(pts, args.png, args.fevals_target, args.gap_target)
+        print(f"wrote {args.png}")
+    if args.json:
+        print(json.dumps({"points": pts, "meet_both": [p["run"] for p in both]}))
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -278,6 +359,15 @@ def main() -> int:
     f.add_argument("runs", nargs="+")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=cmd_fevals)
+    pp = sub.add_parser("pareto", help="F-evals growth against the gap to BPTT, per EP run (a PNG)")
+    pp.add_argument("runs", nargs="+")
+    pp.add_argument("--refs", required=True, metavar="SEED=CE,...",
+                    help="BPTT's final val CE per seed at the runs' steps, e.g. 0=3.513,1=3.496,2=3.494")
+    pp.add_argument("--fevals_target", type=float, default=1.5)
+    pp.add_argument("--gap_target", type=float, default=0.05)
+    pp.add_argument("--png", default=None)
+    pp.add_argument("--json", action="store_true")
+    pp.set_defaults(func=cmd_pareto)
     q = sub.add_parser("report", help="summarise run folders")
     q.add_argument("runs", nargs="+")
     q.add_argument("--png", default=None)
