@@ -1,0 +1,60 @@
+"""benchmarks/stability.py's pareto: each EP run placed by F-evals growth and its gap to BPTT."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+STABILITY = Path(__file__).resolve().parents[1] / "benchmarks" / "stability.py"
+
+
+@pytest.fixture(scope="module")
+def stability():
+    spec = importlib.util.spec_from_file_location("stability_bench", STABILITY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def fake_run(root: Path, name: str, mode: str, seed: int, fevals: list[float], val: float | None) -> Path:
+    """A run folder with 100 steps logged every 10: T1 (free F-evals) per log line, a final val CE."""
+    folder = root / name
+    folder.mkdir()
+    train = {"steps": 100, "B": 8, "mode": mode, "seed": seed}
+    (folder / "config.json").write_text(json.dumps({"train": train}))
+    lines = [{"step": 10 * (i + 1), "loss": 4.0, "T1": f, "it_s": 1.0, "dropped_seqs": 0.0}
+             for i, f in enumerate(fevals)]
+    if val is not None:
+        lines.append({"step": 100, "event": "final", "val_ce": val})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return folder
+
+
+def test_pareto_places_each_finished_ep_run(stability, tmp_path):
+    slow = fake_run(tmp_path, "loose_s2_n100", "ep", 2, [20.0] * 9 + [60.0], 3.55)  # 3× its first tenth
+    fast = fake_run(tmp_path, "held_s0_n100", "ep", 0, [20.0] * 9 + [26.0], 3.60)
+    unfinished = fake_run(tmp_path, "cut_s0_n100", "ep", 0, [20.0] * 10, None)
+    bptt = fake_run(tmp_path, "bptt_s0_n100", "bptt", 0, [20.0] * 10, 3.51)
+    pts = {p["run"]: p for p in stability.pareto_points([slow, fast, unfinished, bptt], {0: 3.51, 2: 3.49})}
+    assert set(pts) == {"loose_s2_n100", "held_s0_n100"}  # BPTT and unfinished runs are not points
+    assert pts["loose_s2_n100"]["fevals_growth"] == pytest.approx(3.0)
+    assert pts["loose_s2_n100"]["gap"] == pytest.approx(0.06)  # against seed 2's reference
+    assert pts["held_s0_n100"]["fevals_growth"] == pytest.approx(1.3)
+    assert pts["held_s0_n100"]["recipe"] == "held"
+    with pytest.raises(ValueError, match="seed 2"):
+        stability.pareto_points([slow], {0: 3.51})
+
+
+def test_pareto_bad_refs_is_a_usage_error(stability, tmp_path, capsys):
+    run = fake_run(tmp_path, "a_s0_n100", "ep", 0, [20.0] * 10, 3.6)
+    args = argparse.Namespace(runs=[str(run)], refs="0:3.5", fevals_target=1.5, gap_target=0.05, png=None,
+                              json=False)
+    assert stability.cmd_pareto(args) == 2
+    assert "--refs" in capsys.readouterr().err
+    args.refs = "0=3.5"
+    assert stability.cmd_pareto(args) == 0
+    assert "0 of 1 runs meet both targets" in capsys.readouterr().out  # gap +0.1
