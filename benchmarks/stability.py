@@ -63,6 +63,9 @@ RECIPES: dict[str, list[str]] = {
     "sched05_m15": SCHED05_M15,
     # A looser hold while the learning rate is high (eig02 fixed was 0.02 better than eig05 on seed 2).
     "sched02_m15": ["--eigreg", "1", "--eig_margin", "0.2", "--eig_margin_end", "-1.5"],
+    # The same, each rollback tightening the margin by 0.5 for the rest of the run.
+    "sched02_m15_backoff": ["--eigreg", "1", "--eig_margin", "0.2", "--eig_margin_end", "-1.5",
+                            "--eig_backoff", "0.5"],
     "sched05_m2": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-2"],
     # eigreg every 4th step at 4x the weight: its Lanczos steps are a quarter of an EP step's cost.
     "sched05_m15_every4": [*SCHED05_M15, "--eig_every", "4"],

@@ -284,3 +284,16 @@ def test_eig_every_acts_on_every_nth_step_with_n_times_the_weight():
     assert_grads_close(got, res_only.penalty_grads(model, x, z, {})[0], rel=1e-12)
     with pytest.raises(ValueError, match="eig_every"):
         ControlConfig(eigreg=1.0, eig_every=0)
+
+
+def test_tighten_adds_to_the_scheduled_margin():
+    """A rollback's eig_backoff reaches the penalty as ``tighten``: margin 4 tightened by 3 is margin 7."""
+    model, x, z = make(B=2)
+    n = z[0].numel()
+    tightened = Controller(ControlConfig(eigreg=0.5, eig_margin=4.0, eig_iters=n))
+    fixed = Controller(ControlConfig(eigreg=0.5, eig_margin=7.0, eig_iters=n))
+    got, logs = tightened.penalty_grads(model, x, z, {}, tighten=3.0)
+    assert logs["eig_margin"] == pytest.approx(7.0)
+    assert_grads_close(got, fixed.penalty_grads(model, x, z, {})[0], rel=1e-10)
+    with pytest.raises(ValueError, match="eig_backoff"):
+        ControlConfig(eigreg=1.0, eig_backoff=-0.5)

@@ -307,3 +307,34 @@ def test_an_initial_operator_that_does_not_relax_is_named_not_blamed_on_the_lr(t
     events = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     rb = [e for e in events if e.get("event") == "rollback"]
     assert len(rb) == 2 and all(e["lr_scale"] == 1.0 and e["step"] == 0 for e in rb)
+
+
+def test_a_rollback_tightens_eigregs_margin_by_eig_backoff(tokens, tmp_path, monkeypatch) -> None:
+    """With --eig_backoff the replay after a rollback holds ω(J) tighter: the controller is handed
+    the accumulated shift from then on (and the checkpointed state keeps it)."""
+    import ept.controls as controls
+    import ept.train as tr
+
+    cfg = small_cfg(tokens, ckpt_every=2, steps=4, log_every=2, eigreg=1.0, eig_backoff=0.25)
+    calls = {"n": 0}
+    seen: list[float] = []
+    real_penalty = controls.Controller.penalty_grads
+
+    def record(self, *a, tighten=0.0, **k):
+        seen.append(tighten)
+        return real_penalty(self, *a, tighten=tighten, **k)
+
+    def fails_on_third(model, optimizer, grads, lr, clip):
+        calls["n"] += 1
+        norm = tr.apply_update(model, optimizer, grads, lr, clip)
+        if calls["n"] == 3:
+            with torch.no_grad():
+                model.head.weight.fill_(math.nan)
+        return norm
+
+    monkeypatch.setattr(controls.Controller, "penalty_grads", record)
+    summary = train(cfg, tokens, tmp_path, log=quiet, update=fails_on_third)
+    assert summary["finished"] and summary["rollbacks"] == 1
+    assert seen[:3] == [0.0, 0.0, 0.0] and seen[3:] and all(t == 0.25 for t in seen[3:])
+    events = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert [e["eig_shift"] for e in events if e.get("event") == "rollback"] == [0.25]

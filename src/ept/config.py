@@ -314,6 +314,10 @@ class ControlConfig:
         None, "eigreg: the margin at the last step, reached linearly over the learning rate's decay "
         "(--wsd); none holds --eig_margin throughout")
     eig_iters: int = setting(8, "eigreg: Lanczos steps per training step (warm-started)")
+    # A rollback returns to weights whose operator is already at the edge: a lower learning rate alone
+    # replayed the same failure from the same checkpoint (docs/experiments/stability.md).
+    eig_backoff: float = setting(0.0, "eigreg: each rollback tightens the margin by this for the rest of the "
+                                 "run (0: off)")
     # Its Lanczos steps are ~27% of a B 32 EP gradient (docs/experiments/stability.md).
     eig_every: int = setting(1, "eigreg: act every N training steps, with N x its weight")
     # The free phase's F-evals grow with the spread of J's spectrum, not its top alone
@@ -328,7 +332,7 @@ class ControlConfig:
     seed: int = setting(0, "probes and Lanczos starts (the run's --seed)", cli=False)
 
     def __post_init__(self) -> None:
-        for name in ("resreg", "jacreg", "jr_floor", "jr_max", "jr_target", "eigreg"):
+        for name in ("resreg", "jacreg", "jr_floor", "jr_max", "jr_target", "eigreg", "eig_backoff"):
             if getattr(self, name) < 0:
                 raise ValueError(f"control {name} must be >= 0, got {getattr(self, name)}")
         if self.jr_floor > self.jr_max:

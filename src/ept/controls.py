@@ -157,7 +157,7 @@ class Controller:
     # -- the penalties ---------------------------------------------------------------------
     def penalty_grads(
         self, model: EquilibriumLM, x: Tensor, z_star: Tensor, stats: dict[str, Any], decay: float = 1.0,
-        step: int | None = None,
+        step: int | None = None, tighten: float = 0.0,
     ) -> tuple[Grads, dict[str, float]]:
         """Gradients of the active penalties w.r.t. the model's parameters at (x, z*), and logs.
 
@@ -166,7 +166,8 @@ class Controller:
         rate's decay is left (1 until it starts, 0 at the end: :func:`ept.optim.decay_left`), which
         moves eigreg's margin toward ``eig_margin_end``. eigreg acts on the steps that ``step`` (the
         training step; None: every call) is a multiple of ``eig_every`` at, its weight times
-        ``eig_every``. Returns ({}, {}) when no control acts.
+        ``eig_every``; ``tighten`` is added to its margin (the rollbacks' ``eig_backoff``). Returns
+        ({}, {}) when no control acts.
         """
         cfg = self.cfg
         eig_now = cfg.eigreg > 0 and (step is None or step % cfg.eig_every == 0)
@@ -196,10 +197,10 @@ class Controller:
             if eig_now:
                 (jt_u,) = torch.autograd.grad((fz * u).sum(), zr, create_graph=True)
                 omega = (jt_u * u).flatten(1).sum(1)  # uᵀJu per sequence
-                margin = eig_margin_at(cfg, decay)
+                margin = eig_margin_at(cfg, decay) + tighten
                 total = total + eig_weight * torch.relu(omega + margin).pow(2).mean()
                 logs.update(eig_omega=omega.max().item(), eig_omega_mean=omega.mean().item())
-                if cfg.eig_margin_end is not None:
+                if cfg.eig_margin_end is not None or tighten:
                     logs["eig_margin"] = margin
                 if cfg.eig_floor is not None:  # the stiff end: vᵀJv >= -eig_floor
                     (jt_v,) = torch.autograd.grad((fz * v).sum(), zr, create_graph=True)

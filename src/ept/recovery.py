@@ -47,14 +47,19 @@ def rollback(s: Session, snapshot: dict[str, Any], reason: str, metrics: Metrics
     s.state.rollbacks = failed.rollbacks + 1
     s.state.best_val = failed.best_val  # best/ on disk stays the best
     s.state.lr_scale = failed.lr_scale * (1.0 if initial else t.lr_backoff)
+    backoff = 0.0 if initial or s.controller is None else s.controller.cfg.eig_backoff
+    s.state.eig_shift = failed.eig_shift + backoff
     event = {"event": "rollback", "step": failed.step, "to_step": s.state.step, "reason": reason,
              "lr_scale": s.state.lr_scale}
+    if s.state.eig_shift:
+        event["eig_shift"] = s.state.eig_shift
     devices_note = ""
     if devices is not None:  # after the Session: the model then takes what the reprogrammed devices read
         event["reprogram_writes"] = devices.roll_back(snapshot["devices"])
         devices_note = f", devices reprogrammed with {event['reprogram_writes']} pulses"
     metrics.write(event)
-    log(f"step {failed.step}: {reason}; rolled back to step {s.state.step}, lr x{s.state.lr_scale:g}"
+    hold = f", eigreg margin +{s.state.eig_shift:g}" if s.state.eig_shift else ""
+    log(f"step {failed.step}: {reason}; rolled back to step {s.state.step}, lr x{s.state.lr_scale:g}{hold}"
         f"{devices_note}")
 
 

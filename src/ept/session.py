@@ -29,6 +29,7 @@ class TrainState:
     bad_steps: int = 0  # consecutive steps whose free phase missed div_res
     seconds: float = 0.0  # training wall time over all sessions of the run
     best_val: float = math.inf  # the best periodic val CE so far (its checkpoint and step: RUN/best)
+    eig_shift: float = 0.0  # added to eigreg's margin by the rollbacks (--eig_backoff)
 
 
 @dataclass

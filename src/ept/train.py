@@ -123,7 +123,8 @@ def step_gradient(s: Session, idx: Tensor, targets: Tensor) -> tuple[dict[str, T
     if s.controller is not None and z_star is not None and not stats["diverged"]:
         x = s.model.inject(idx).detach()
         left = decay_left(s.state.step, cfg.train.steps, cfg.train.wsd)
-        extra, logs = s.controller.penalty_grads(s.model, x, z_star, stats, left, s.state.step)
+        extra, logs = s.controller.penalty_grads(s.model, x, z_star, stats, left, s.state.step,
+                                                 tighten=s.state.eig_shift)
         if group.world > 1:
             share = idx.shape[0] / cfg.train.B
             extra = {k: g * share for k, g in extra.items()}
