@@ -66,6 +66,10 @@ RECIPES: dict[str, list[str]] = {
     # The same, each rollback tightening the margin by 0.5 for the rest of the run.
     "sched02_m15_backoff": ["--eigreg", "1", "--eig_margin", "0.2", "--eig_margin_end", "-1.5",
                             "--eig_backoff", "0.5"],
+    # The preset's free phase by Anderson (memory 16) from z = 0 straight to 1e-6: 0.78-0.88x the
+    # heavy ball's F-evals on the preset's operators (benchmarks/free_phase.py).
+    "sched05_m15_anderson16": [*SCHED05_M15, "--solver", "anderson", "--m", "16", "--lam", "1e-4",
+                               "--T1", "1", "--res_est", "1e-6"],
     "sched05_m2": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-2"],
     # eigreg every 4th step at 4x the weight: its Lanczos steps are a quarter of an EP step's cost.
     "sched05_m15_every4": [*SCHED05_M15, "--eig_every", "4"],
