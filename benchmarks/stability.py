@@ -70,6 +70,8 @@ RECIPES: dict[str, list[str]] = {
     # heavy ball's F-evals on the preset's operators (benchmarks/free_phase.py).
     "sched05_m15_anderson16": [*SCHED05_M15, "--solver", "anderson", "--m", "16", "--lam", "1e-4",
                                "--T1", "1", "--res_est", "1e-6"],
+    # The same memory in the preset's two stages (20 steps at least to 1e-3, then the polish).
+    "sched05_m15_anderson16_t20": [*SCHED05_M15, "--solver", "anderson", "--m", "16", "--lam", "1e-4"],
     "sched05_m2": ["--eigreg", "1", "--eig_margin", "0.5", "--eig_margin_end", "-2"],
     # eigreg every 4th step at 4x the weight: its Lanczos steps are a quarter of an EP step's cost.
     "sched05_m15_every4": [*SCHED05_M15, "--eig_every", "4"],
