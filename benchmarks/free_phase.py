@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ept.bench.fevals import variants_arg
 from ept.cli import UsageError
 from ept.cli.fingerprint import load_run
 from ept.config import EPConfig, SolverConfig
@@ -39,6 +40,11 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "anderson": {"method": "anderson"},
     "anderson_m16": {"method": "anderson", "m": 16, "lam": 1e-4},
 }
+
+
+def settled(res: float, target: float) -> bool:
+    """Whether a worst residual met the target (float32's last digit aside)."""
+    return res <= target * 1.0001
 
 
 def two_stages(model: Any, x: torch.Tensor, solver: SolverConfig, ep: EPConfig) -> tuple[int, float]:
@@ -70,9 +76,9 @@ def run_batches(path: str, variants: dict[str, dict[str, Any]], batches: int, ma
                 _, vst = free_phase(model, x, dataclasses.replace(cfg.solver, **over))
                 row[name] = (vst.fevals, vst.residual_max)
         rows.append(row)
-    settled = [r for r in rows if r["run_solver"][1] <= target * 1.0001]
-    totals = {k: sum(r[k][0] for r in settled) for k in rows[0]}
-    return {"run": path, "target": target, "batches": rows, "settled_batches": len(settled), "totals": totals}
+    done = [r for r in rows if settled(r["run_solver"][1], target)]
+    totals = {k: sum(r[k][0] for r in done) for k in rows[0]}
+    return {"run": path, "target": target, "batches": rows, "settled_batches": len(done), "totals": totals}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     try:
-        variants = DEFAULT_VARIANTS if args.variants is None else json.loads(args.variants)
-        if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
-            raise ValueError("expected an object of objects")
+        variants = variants_arg(args.variants, DEFAULT_VARIANTS)
     except ValueError as e:
         print(f"free_phase.py: --variants is not a JSON object of SolverConfig objects ({e}): "
               f"e.g. '{{\"m16\": {{\"method\": \"anderson\", \"m\": 16}}}}'", file=sys.stderr)
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print("|---|" + "---|" * (len(r["batches"]) + 2))
         base = r["totals"]["run_solver"] or 1
         for n in names:
-            cells = [f"{fe}{'' if res <= r['target'] * 1.0001 else '*'}"
+            cells = [f"{fe}{'' if settled(res, r['target']) else '*'}"
                      for fe, res in (b[n] for b in r["batches"])]
             print(f"| {n} | " + " | ".join(cells) + f" | {r['totals'][n]} | {r['totals'][n] / base:.2f} |")
     print(json.dumps({"runs": out}))

@@ -28,6 +28,7 @@ from operator_structure import equilibrium  # benchmarks/, the script's own dire
 from ept.cli.fingerprint import load_run
 from ept.data import builtin_tokens, fixed_batch
 from ept.diagnostics import dense_jacobian
+from ept.solvers.momentum import heavy_ball_params
 
 
 def steps_to_shrink(M: torch.Tensor, probes: torch.Tensor, a: float, b: float = 0.0, shrink: float = 1e-3,
@@ -46,8 +47,10 @@ def steps_to_shrink(M: torch.Tensor, probes: torch.Tensor, a: float, b: float = 
 def measure(M: torch.Tensor, probes: torch.Tensor) -> dict[str, float | int | None]:
     ev = torch.linalg.eigvals(M)
     lo, hi = float((-ev.real).min()), float((-ev.real).max())
-    sa, sb = np.sqrt(max(lo, 1e-9)), np.sqrt(hi)
-    hb = steps_to_shrink(M, probes, 4 / (sa + sb) ** 2, ((sb - sa) / (sb + sa)) ** 2)
+    # −M's spectrum [lo, hi] is the relaxation map I + M's [1 − hi, 1 − lo].
+    map_lo, map_hi = (torch.tensor(v, dtype=torch.float64) for v in (1 - hi, 1 - max(lo, 1e-9)))
+    hb_a, hb_b = heavy_ball_params(map_lo, map_hi)
+    hb = steps_to_shrink(M, probes, float(hb_a), float(hb_b))
     plain = {a: steps_to_shrink(M, probes, a, cap=600) for a in np.round(np.arange(0.1, 1.01, 0.1), 1)}
     best = min(((k, a) for a, k in plain.items() if k is not None), default=(None, None))
     return {"re_lo": lo, "re_hi": hi, "imag_max": float(ev.imag.abs().max()), "heavy_ball_steps": hb,

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ept.bench.fevals import ept_fevals, row_evals
+from ept.bench.fevals import ept_fevals, row_evals, variants_arg
 from ept.bench.report import field_of
 from ept.cli import UsageError
 from ept.cli.fingerprint import load_run
@@ -111,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     try:
-        variants = DEFAULT_VARIANTS if args.variants is None else json.loads(args.variants)
-        if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
-            raise ValueError("expected an object of objects")
+        variants = variants_arg(args.variants, DEFAULT_VARIANTS)
     except ValueError as e:
         print(f"solvers.py: --variants is not a JSON object of option objects ({e}): "
               f"e.g. '{{\"m4\": {{\"method\": \"anderson\", \"m\": 4}}}}'", file=sys.stderr)

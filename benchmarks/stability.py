@@ -129,6 +129,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------- report
 
 
+def run_folders(paths: list[str]) -> list[Path]:
+    """The given paths that are run folders (they hold a metrics.jsonl)."""
+    return [Path(f) for f in paths if (Path(f) / "metrics.jsonl").is_file()]
+
+
 def read(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").open()]
 
@@ -216,7 +221,7 @@ def plot(folders: list[Path], path: str) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    folders = [Path(f) for f in args.runs if (Path(f) / "metrics.jsonl").is_file()]
+    folders = run_folders(args.runs)
     rows = [summarize(f) for f in folders]
     if args.heldout:
         for row, f in zip(rows, folders, strict=True):
@@ -247,7 +252,7 @@ def cmd_fevals(args: argparse.Namespace) -> int:
     import numpy as np
 
     pts = []
-    for folder in (Path(f) for f in args.runs if (Path(f) / "metrics.jsonl").is_file()):
+    for folder in run_folders(args.runs):
         recs = read(folder)
         t1 = {r["step"]: r["T1"] for r in recs if r.get("event") is None and "T1" in r}
         pts += [(t1[r["step"]], r["numerical_abscissa"], r["nonnormality"]) for r in recs
@@ -329,7 +334,7 @@ def cmd_pareto(args: argparse.Namespace) -> int:
         print(f"stability: --refs {args.refs!r} is not SEED=CE[,SEED=CE...]: e.g. --refs 0=3.513,1=3.496",
               file=sys.stderr)
         return 2
-    folders = [Path(f) for f in args.runs if (Path(f) / "metrics.jsonl").is_file()]
+    folders = run_folders(args.runs)
     try:
         pts = pareto_points(folders, refs)
     except ValueError as err:

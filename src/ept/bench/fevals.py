@@ -108,6 +108,17 @@ def torchdeq_fevals(field_fn: Field, z0: Tensor, method: str, tol: float, max_ev
     return counter
 
 
+def variants_arg(text: str | None, default: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A benchmark's ``--variants``: a JSON object of option objects (``default`` when not given);
+    ValueError naming what is wrong."""
+    if text is None:
+        return default
+    variants = json.loads(text)
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise ValueError("expected an object of objects")
+    return variants
+
+
 def evals_to(counter: FevalCounter) -> int | None:
     return counter.hit
 
