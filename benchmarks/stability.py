@@ -86,6 +86,12 @@ RECIPES: dict[str, list[str]] = {
     "sched05_m1_floor3": [*SCHED05_M1, "--eig_floor", "3"],
     "sched05_m1_floor5": [*SCHED05_M1, "--eig_floor", "5"],
     "eig05_floor5": ["--eigreg", "1", "--eig_margin", "0.5", *FIXED, "--eig_floor", "5"],
+    # The block itself as the lever: mono is strongly monotone for every weight (its relaxation
+    # contracts by a fixed factor, so training cannot create slow modes); energy is F = -grad E,
+    # whose per-token blocks are symmetric (where the thick block's non-normality lives).
+    "mono": ["--attn_mode", "mono", "--eigreg", "0"],
+    "mono_m025": ["--attn_mode", "mono", "--mono_m", "0.25", "--eigreg", "0"],
+    "energy_sched": ["--attn_mode", "energy", *SCHED05_M15],
 }
 
 
