@@ -2,6 +2,7 @@
 
     python benchmarks/operator_structure.py runs/stab5/sched05_m15_s2_n2000 --init --json
     python benchmarks/operator_structure.py RUN/ckpt-0000800 RUN/ckpt-0002000
+    python benchmarks/operator_structure.py RUN/ckpt-0001700 --forces   # which force does it
 
 For each run (its evaluation weights; ``--init`` adds the same config's freshly initialised block):
 
@@ -14,6 +15,10 @@ For each run (its evaluation weights; ``--init`` adds the same config's freshly 
 - **ends** of S = (J + Jᵀ)/2 over a batch of 8 sequences by Lanczos (`ept.controls.symmetric_extremes`),
   with eigreg's 8 steps and with 40: the spread the free phase has to relax, and how well eigreg's
   short run reads each end.
+
+- **forces** (``--forces``): the numerical abscissa split exactly along S's top eigenvector into
+  the leak and each force's uᵀJ_i u, each force's share of the antisymmetric part, and the
+  spectral abscissa of the leak plus that force alone.
 
 A table, then one JSON line. Minutes per run on one core (a dense 4096² eigendecomposition at the
 tiny preset); only for small states.
@@ -95,6 +100,48 @@ def structure(model: EquilibriumLM, x: torch.Tensor, z: torch.Tensor) -> dict[st
     }
 
 
+def force_jacobians(model: EquilibriumLM, x: torch.Tensor, z: torch.Tensor) -> list[torch.Tensor]:
+    """Dense ∂N_i/∂z of each of the block's forces (``model.forces``: attention, FFN) at one sequence."""
+    x, z = x.detach(), z.detach()
+    n = z.numel()
+    count = len(model.forces(z, x, fused=False))
+    with torch.enable_grad():
+        jacs = [torch.autograd.functional.jacobian(lambda s, i=i: model.forces(s, x, fused=False)[i], z,
+                                                   vectorize=True) for i in range(count)]
+    return [j.reshape(n, n).double() for j in jacs]
+
+
+def token_blocks(M: torch.Tensor, T: int) -> torch.Tensor:
+    """The T diagonal C×C blocks of an (n, n) matrix over (token, channel), shape (T, C, C)."""
+    C = M.shape[0] // T
+    return torch.stack([M[t * C:(t + 1) * C, t * C:(t + 1) * C] for t in range(T)])
+
+
+def attribution(model: EquilibriumLM, x: torch.Tensor, z: torch.Tensor) -> dict[str, Any]:
+    """Which force lifts the top of S = (J + Jᵀ)/2 and carries J's antisymmetric part, at one sequence.
+
+    J = −(1+c)I + Σ_i J_i, so the numerical abscissa splits exactly along S's top eigenvector u:
+    uᵀSu = −(1+c) + Σ_i uᵀJ_i u. Per force, also ‖(J_i − J_iᵀ)/2‖_F over ‖(J − Jᵀ)/2‖_F, and the
+    spectral abscissa of −(1+c)I + J_i alone (by the token blocks: exact under the causal mask).
+    """
+    T, c = model.cfg.T, model.cfg.c
+    parts = force_jacobians(model, x, z)
+    n = parts[0].shape[0]
+    eye = torch.eye(n, dtype=torch.float64)
+    J = -(1 + c) * eye + sum(parts)
+    evals, evecs = torch.linalg.eigh(0.5 * (J + J.T))
+    u = evecs[:, -1]
+    anti = (0.5 * (J - J.T)).norm()
+    names = ["attention", "ffn"] if len(parts) == 2 else [f"force{i}" for i in range(len(parts))]
+    out: dict[str, Any] = {"numerical_abscissa": float(evals[-1]), "leak": -(1 + c)}
+    for name, Ji in zip(names, parts, strict=True):
+        alone = torch.linalg.eigvals(token_blocks(-(1 + c) * eye + Ji, T)).real.max()
+        out[name] = {"top_share": float(u @ Ji @ u),
+                     "antisym_ratio": float((0.5 * (Ji - Ji.T)).norm() / anti),
+                     "spectral_abscissa_alone": float(alone)}
+    return out
+
+
 def ends(model: EquilibriumLM, x: torch.Tensor, z: torch.Tensor) -> dict[str, Any]:
     ops = JacobianOps(model, x, z)
     out: dict[str, Any] = {}
@@ -107,11 +154,14 @@ def ends(model: EquilibriumLM, x: torch.Tensor, z: torch.Tensor) -> dict[str, An
     return out
 
 
-def measure(label: str, model: EquilibriumLM) -> dict[str, Any]:
+def measure(label: str, model: EquilibriumLM, forces: bool = False) -> dict[str, Any]:
     model = model.eval()
     idx = fixed_batch(builtin_tokens(model.cfg.vocab_size).train, 8, model.cfg.T, seed=1234)[0]
     x, z = equilibrium(model, idx)
-    return {"run": label, **structure(model, x[:1], z[:1]), **ends(model, x, z)}  # the first that settled
+    row = {"run": label, **structure(model, x[:1], z[:1]), **ends(model, x, z)}  # the first that settled
+    if forces:
+        row["forces"] = attribution(model, x[:1], z[:1])
+    return row
 
 
 def describe(r: dict[str, Any]) -> str:
@@ -129,6 +179,17 @@ def describe(r: dict[str, Any]) -> str:
         f"relaxation steps to 1e-3: {r['relax_steps']} (token blocks {r['relax_steps_token_blocks']})",
         f"S's ends, 40 Lanczos steps: [{min(r['S_bottom_40']):.2f}, {max(r['S_top_40']):.2f}]; 8 steps "
         f"under-read the top by up to {top_miss:.2f}, the bottom by up to {bottom_miss:.2f}",
+        *([] if "forces" not in r else [describe_forces(r["forces"])]),
+    ])
+
+
+def describe_forces(f: dict[str, Any]) -> str:
+    names = [k for k, v in f.items() if isinstance(v, dict)]
+    split = " + ".join(f"{f[k]['top_share']:+.3f} ({k})" for k in names)
+    return "\n  ".join([
+        f"numerical abscissa {f['numerical_abscissa']:.3f} = {f['leak']:.1f} (leak) + {split}",
+        *(f"{k}: antisymmetric part {f[k]['antisym_ratio']:.2f} of J's; spectral abscissa of "
+          f"-(1+c)I + J_{k} alone {f[k]['spectral_abscissa_alone']:.3f}" for k in names),
     ])
 
 
@@ -138,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", action="store_true", help="also the first run's config, freshly initialised")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", action="store_true", help="only the JSON line")
+    ap.add_argument("--forces", action="store_true",
+                    help="also split the numerical abscissa and the antisymmetric part by force")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []
@@ -145,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.init:
             cfg, _ = load_run(args.runs[0])
             torch.manual_seed(cfg.train.seed)
-            rows.append(measure(f"init ({args.runs[0]})", EquilibriumLM(cfg.model)))
+            rows.append(measure(f"init ({args.runs[0]})", EquilibriumLM(cfg.model), args.forces))
         for run in args.runs:
-            rows.append(measure(run, load_run(run)[1]))
+            rows.append(measure(run, load_run(run)[1], args.forces))
     except UsageError as err:
         print(f"operator_structure: {err}", file=sys.stderr)
         return 2
