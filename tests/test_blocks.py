@@ -122,6 +122,7 @@ CAUSAL = {
     "energy": dict(attn_mode="energy"),
     "energy_kappa_half": dict(attn_mode="energy", kappa=0.5),
     "mono": dict(attn_mode="mono"),
+    "thick_ffn_lip": dict(attn_mode="thick", ffn_lip=1.0),
 }
 
 
@@ -222,6 +223,8 @@ def test_kappa_one_is_thick_and_asymmetry_rises_with_kappa():
     (["--kappa", "0.5"], "kappa"),
     (["--attn_mode", "mono", "--mono_m", "0"], "mono_m"),
     (["--attn_mode", "mono", "--mono_m", "-1"], "mono_m"),
+    (["--attn_mode", "mono", "--ffn_lip", "1"], "ffn_lip"),
+    (["--ffn_lip", "-1"], "ffn_lip"),
     (["--no-causal"], "no-causal"),
     (["--objective", "mlm"], "no-causal"),
 ])
@@ -272,3 +275,39 @@ def test_the_energy_report_sees_the_lyapunov_descent_from_the_blocks_start(energ
     x = energy_model.inject(batch(energy_model)[0]).detach()
     assert energy_report(energy_model, x, eps=0.1, steps=100)["energy_falls"]
     assert not energy_report(energy_model, x, eps=1.5, steps=20)["energy_falls"]  # past the stiff end
+
+
+# ------------------------------------------------------------------------------------ ffn_lip
+
+
+@pytest.mark.parametrize("scale", [1.0, 10.0])
+def test_the_bounded_ffn_keeps_its_lipschitz_bound_at_any_scale(scale):
+    """Far pairs at scale 3 and close pairs near small states (scale 0.1), where LayerNorm's 1/σ
+    makes the free pre-LN FFN steepest."""
+    model = block_model(scale=scale, ffn_lip=0.7)
+    x = model.inject(batch(model, B=1)[0]).detach()
+    g = torch.Generator().manual_seed(0)
+    shape = (100, *x.shape[1:])
+    near = torch.randn(shape, generator=g, dtype=x.dtype) * 0.1
+    z = torch.cat([torch.randn(shape, generator=g, dtype=x.dtype) * 3.0, near])
+    y = torch.cat([torch.randn(shape, generator=g, dtype=x.dtype) * 3.0,
+                   near + 1e-3 * torch.randn(shape, generator=g, dtype=x.dtype)])
+    xs = x.expand(200, -1, -1)
+
+    def lipschitz_ratios(m):
+        moved = (m.forces(z, xs)[1] - m.forces(y, xs)[1]).flatten(1).norm(dim=1)
+        return moved / (z - y).flatten(1).norm(dim=1)
+
+    assert lipschitz_ratios(model).max().item() <= 0.7
+    if scale > 1:  # the same weights in the free pre-LN FFN: far over the bound
+        assert lipschitz_ratios(block_model(scale=scale)).max().item() > 0.7
+
+
+def test_ep_matches_implicit_on_the_bounded_ffn_block():
+    model = block_model(scale=3.0, ffn_lip=1.0)
+    idx, tgt = batch(model)
+    oracle, st = ept.gradient(model, idx, tgt, route="implicit", **TIGHT)
+    assert st["free_converged"]
+    grads, _ = ept.gradient(model, idx, tgt, route="ep", asym="linear", **EP_TIGHT)
+    cos, rel = compare(grads, oracle)
+    assert cos >= 0.9999 and rel == pytest.approx(1.0, abs=0.01)

@@ -8,6 +8,8 @@ from torch import Tensor, nn
 
 from ept import analytic
 
+GELU_LIP = 1.13  # above max |d gelu/dh| = 1.12899 (tests/test_blocks.py checks it)
+
 
 def linear(layer: nn.Linear, h: Tensor) -> Tensor:
     if h.is_complex():

@@ -27,9 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ept import analytic
-from ept.blocks.common import causal_mask, heads, layer_norm, linear, merge
-
-GELU_LIP = 1.13  # above max |d gelu/dh| = 1.12899 (tests/test_blocks.py checks it)
+from ept.blocks.common import GELU_LIP, causal_mask, heads, layer_norm, linear, merge
 
 
 def attention_weights(model: nn.Module, x: Tensor) -> Tensor:

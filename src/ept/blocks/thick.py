@@ -12,9 +12,10 @@ import math
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.linalg import matrix_norm
 
 from ept import analytic
-from ept.blocks.common import causal_mask, heads, layer_norm, linear
+from ept.blocks.common import GELU_LIP, causal_mask, heads, layer_norm, linear
 from ept.config import EPTConfig
 
 
@@ -57,6 +58,21 @@ class FeedForward(nn.Module):
         return linear(self.fc2, u)
 
 
+def bounded_ffn_scale(ffn: FeedForward, lip: float) -> Tensor:
+    """s = min(1, lip / (1.13 ‖W₂‖₂ ‖W₁‖₂)): s·FFN(z) is lip-Lipschitz in z (mono's bound, one force)."""
+    bound = GELU_LIP * matrix_norm(ffn.fc1.weight, ord=2) * matrix_norm(ffn.fc2.weight, ord=2)
+    return (lip / bound).clamp(max=1.0)
+
+
 def thick_forces(model: nn.Module, z: Tensor, x: Tensor, fused: bool = True) -> list[Tensor]:
-    """[Attn(LN₁ z), FFN(LN₂ z)], summed in this order onto x − (1+c)z by the field."""
-    return [model.attn(layer_norm(model.ln1, z), fused=fused), model.ffn(layer_norm(model.ln2, z))]
+    """[Attn(LN₁ z), FFN(LN₂ z)], summed in this order onto x − (1+c)z by the field.
+
+    With ``ffn_lip`` > 0 the FFN term is s·FFN(z) instead: the trained block's slow modes and most of
+    its non-normality are the pre-LN FFN's (LN₂'s 1/σ, W₂ and W₁ untied), and a Lipschitz bound on
+    it caps how far it can lift J's spectrum (docs/experiments/stability.md, "The block as the lever").
+    """
+    attn = model.attn(layer_norm(model.ln1, z), fused=fused)
+    lip = model.cfg.ffn_lip
+    if not lip:
+        return [attn, model.ffn(layer_norm(model.ln2, z))]
+    return [attn, model.ffn(z) * bounded_ffn_scale(model.ffn, lip).to(z.dtype)]
