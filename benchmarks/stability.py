@@ -309,6 +309,12 @@ def pareto_points(folders: list[Path], refs: dict[int, float]) -> list[dict[str,
     return pts
 
 
+def steps_title(pts: list[dict[str, Any]]) -> str:
+    """The title's ' at N steps' when every run has the same length (its folder's ``_nN`` tail)."""
+    steps = {m.group(1) for p in pts if (m := re.search(r"_n(\d+)$", p["run"]))}
+    return f" at {steps.pop()} steps" if len(steps) == 1 else ""
+
+
 def plot_pareto(pts: list[dict[str, Any]], path: str, fevals_target: float, gap_target: float) -> None:
     import matplotlib
 
@@ -328,7 +334,7 @@ def plot_pareto(pts: list[dict[str, Any]], path: str, fevals_target: float, gap_
     ax.set(xlim=(min(1.0, min(xs) - 0.1), max(xs) + 0.2), ylim=(min(-0.01, min(ys) - 0.01), max(ys) + 0.01),
            xlabel="free-phase F-evals, last tenth / first tenth (median)",
            ylabel="val CE − BPTT's (same seed, same steps)",
-           title="EP at 2000 steps: the free phase's cost against the loss")
+           title=f"EP{steps_title(pts)}: the free phase's cost against the loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()

@@ -58,3 +58,9 @@ def test_pareto_bad_refs_is_a_usage_error(stability, tmp_path, capsys):
     args.refs = "0=3.5"
     assert stability.cmd_pareto(args) == 0
     assert "0 of 1 runs meet both targets" in capsys.readouterr().out  # gap +0.1
+
+
+def test_the_front_is_titled_by_the_runs_length_only_when_they_share_one(stability):
+    same = [{"run": "eig05_s0_n800"}, {"run": "mono_s2_n800"}]
+    assert stability.steps_title(same) == " at 800 steps"
+    assert stability.steps_title([*same, {"run": "mono_s0_n2000"}]) == ""
