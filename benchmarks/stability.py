@@ -96,6 +96,9 @@ RECIPES: dict[str, list[str]] = {
     # at step 1700 the preset's FFN alone brings J's spectrum to -0.52, attention alone to -1.39.
     "sched05_m15_ffnlip1": [*SCHED05_M15, "--ffn_lip", "1"],
     "sched05_m15_ffnlip2": [*SCHED05_M15, "--ffn_lip", "2"],
+    # The FFN tied (W2 = W1^T, on z without LN2): a symmetric per-token Jacobian, whose top eigreg
+    # reads exactly, and no FFN non-normality to slow the free phase at a held abscissa.
+    "sched05_m15_ffntied": [*SCHED05_M15, "--ffn_tied"],
 }
 
 

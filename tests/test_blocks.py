@@ -123,6 +123,7 @@ CAUSAL = {
     "energy_kappa_half": dict(attn_mode="energy", kappa=0.5),
     "mono": dict(attn_mode="mono"),
     "thick_ffn_lip": dict(attn_mode="thick", ffn_lip=1.0),
+    "thick_ffn_tied": dict(attn_mode="thick", ffn_tied=True),
 }
 
 
@@ -225,6 +226,7 @@ def test_kappa_one_is_thick_and_asymmetry_rises_with_kappa():
     (["--attn_mode", "mono", "--mono_m", "-1"], "mono_m"),
     (["--attn_mode", "mono", "--ffn_lip", "1"], "ffn_lip"),
     (["--ffn_lip", "-1"], "ffn_lip"),
+    (["--attn_mode", "energy", "--ffn_tied"], "ffn_tied"),
     (["--no-causal"], "no-causal"),
     (["--objective", "mlm"], "no-causal"),
 ])
@@ -311,3 +313,28 @@ def test_ep_matches_implicit_on_the_bounded_ffn_block():
     grads, _ = ept.gradient(model, idx, tgt, route="ep", asym="linear", **EP_TIGHT)
     cos, rel = compare(grads, oracle)
     assert cos >= 0.9999 and rel == pytest.approx(1.0, abs=0.01)
+
+
+def test_the_tied_ffn_has_a_symmetric_per_token_jacobian_and_the_free_one_does_not():
+    asym = {}
+    for tied in (True, False):
+        model = block_model(scale=5.0, ffn_tied=tied)
+        x = model.inject(batch(model, B=1)[0]).detach()
+        z = torch.randn_like(x)
+        T, C = model.cfg.T, model.cfg.C
+        J = torch.autograd.functional.jacobian(lambda v, m=model, x=x: m.forces(v, x)[1], z)
+        J = J.reshape(T, C, T, C)
+        own = torch.stack([J[t, :, t, :] for t in range(T)])
+        asym[tied] = ((own - own.transpose(1, 2)).norm() / own.norm()).item()
+    assert asym[True] <= 1e-12 and asym[False] > 0.1
+
+
+def test_ep_matches_implicit_on_the_tied_ffn_block():
+    model = block_model(scale=3.0, ffn_tied=True)
+    idx, tgt = batch(model)
+    oracle, st = ept.gradient(model, idx, tgt, route="implicit", **TIGHT)
+    assert st["free_converged"]
+    grads, _ = ept.gradient(model, idx, tgt, route="ep", asym="linear", **EP_TIGHT)
+    cos, rel = compare(grads, oracle)
+    assert cos >= 0.9999 and rel == pytest.approx(1.0, abs=0.01)
+    assert grads["ffn.fc2.weight"].abs().max().item() == 0.0  # tied: W2 is not in the block

@@ -84,6 +84,8 @@ class EPTConfig:
     ffn_lip: float = setting(0.0, "thick mode: the FFN reads z without LayerNorm and is scaled each call so "
                              "its Lipschitz bound 1.13 |W2| |W1| stays <= this (0: the free pre-LN FFN; "
                              "its slow modes, docs/experiments/stability.md)")
+    ffn_tied: bool = setting(False, "thick mode: the FFN reads z without LayerNorm with W2 = W1^T, "
+                             "W1^T gelu(W1 z + b1) + b2: a symmetric per-token Jacobian (no non-normality)")
     objective: str = setting("lm", "lm: next-token prediction; mlm: predict masked tokens (with "
                              "--no-causal); the embedding gains a mask token", choices=OBJECTIVES)
     ffn_mult: int = setting(4, "FFN hidden width, in multiples of C")
@@ -119,6 +121,9 @@ class EPTConfig:
         if not 0.0 < self.mono_m < 1.0 + self.c:
             raise ValueError(f"mono_m={self.mono_m} must lie in (0, 1 + c) = (0, {1.0 + self.c:g}): the "
                              "margin is what the damping leaves after the forces' Lipschitz budget")
+        if self.ffn_tied and self.attn_mode != "thick":
+            raise ValueError(f"ffn_tied ties the thick block's FFN: it needs --attn_mode thick, not "
+                             f"{self.attn_mode} (or drop --ffn_tied)")
         if self.ffn_lip < 0 or (self.ffn_lip and self.attn_mode != "thick"):
             raise ValueError(f"ffn_lip={self.ffn_lip} bounds the thick block's FFN: it needs --attn_mode "
                              "thick and a value >= 0 (0: off)")

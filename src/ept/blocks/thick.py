@@ -53,26 +53,37 @@ class FeedForward(nn.Module):
         self.fc2 = nn.Linear(cfg.ffn_mult * cfg.C, cfg.C, bias=cfg.bias)
 
     def forward(self, h: Tensor) -> Tensor:
+        return linear(self.fc2, self._hidden(h))
+
+    def tied(self, h: Tensor) -> Tensor:
+        """W₁ᵀ gelu(W₁ h + b₁) + b₂: fc2's weight unused, the Jacobian W₁ᵀ diag(gelu′) W₁ symmetric."""
+        u = self._hidden(h)
+        bias = None if self.fc2.bias is None else self.fc2.bias.to(u.dtype)
+        return F.linear(u, self.fc1.weight.t().to(u.dtype), bias)
+
+    def _hidden(self, h: Tensor) -> Tensor:
         u = linear(self.fc1, h)
-        u = analytic.gelu(u) if u.is_complex() else F.gelu(u, approximate="tanh")
-        return linear(self.fc2, u)
+        return analytic.gelu(u) if u.is_complex() else F.gelu(u, approximate="tanh")
 
 
-def bounded_ffn_scale(ffn: FeedForward, lip: float) -> Tensor:
+def bounded_ffn_scale(ffn: FeedForward, lip: float, tied: bool = False) -> Tensor:
     """s = min(1, lip / (1.13 ‖W₂‖₂ ‖W₁‖₂)): s·FFN(z) is lip-Lipschitz in z (mono's bound, one force)."""
-    bound = GELU_LIP * matrix_norm(ffn.fc1.weight, ord=2) * matrix_norm(ffn.fc2.weight, ord=2)
+    w1 = matrix_norm(ffn.fc1.weight, ord=2)
+    bound = GELU_LIP * w1 * (w1 if tied else matrix_norm(ffn.fc2.weight, ord=2))
     return (lip / bound).clamp(max=1.0)
 
 
 def thick_forces(model: nn.Module, z: Tensor, x: Tensor, fused: bool = True) -> list[Tensor]:
     """[Attn(LN₁ z), FFN(LN₂ z)], summed in this order onto x − (1+c)z by the field.
 
-    With ``ffn_lip`` > 0 the FFN term is s·FFN(z) instead: the trained block's slow modes and most of
-    its non-normality are the pre-LN FFN's (LN₂'s 1/σ, W₂ and W₁ untied), and a Lipschitz bound on
-    it caps how far it can lift J's spectrum (docs/experiments/stability.md, "The block as the lever").
+    The trained block's slow modes and most of its non-normality are the pre-LN FFN's (LN₂'s 1/σ,
+    W₂ and W₁ untied; docs/experiments/stability.md, "The block as the lever"). ``ffn_tied``: the
+    FFN reads z without LN₂ and W₂ = W₁ᵀ (a symmetric per-token Jacobian); ``ffn_lip`` > 0: it reads
+    z and is scaled to that Lipschitz bound, capping how far it can lift J's spectrum.
     """
     attn = model.attn(layer_norm(model.ln1, z), fused=fused)
-    lip = model.cfg.ffn_lip
-    if not lip:
+    lip, tied = model.cfg.ffn_lip, model.cfg.ffn_tied
+    if not (lip or tied):
         return [attn, model.ffn(layer_norm(model.ln2, z))]
-    return [attn, model.ffn(z) * bounded_ffn_scale(model.ffn, lip).to(z.dtype)]
+    ffn = model.ffn.tied(z) if tied else model.ffn(z)
+    return [attn, ffn * bounded_ffn_scale(model.ffn, lip, tied).to(z.dtype) if lip else ffn]
