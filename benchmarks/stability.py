@@ -330,7 +330,7 @@ def plot_pareto(pts: list[dict[str, Any]], path: str, fevals_target: float, gap_
     for i, rec in enumerate(recipes):
         mine = [p for p in pts if p["recipe"] == rec]
         ax.scatter([p["fevals_growth"] for p in mine], [p["gap"] for p in mine], s=40,
-                   marker=markers[i % len(markers)], label=rec)
+                   marker=markers[i % len(markers)], color=plt.cm.tab20(i % 20), label=rec)
     ax.fill_between([0, fevals_target], -1, gap_target, color="tab:green", alpha=0.12,
                     label=f"targets: F-evals ≤ {fevals_target}×, EP ≤ BPTT + {gap_target}")
     xs, ys = [p["fevals_growth"] for p in pts], [p["gap"] for p in pts]
