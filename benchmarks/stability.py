@@ -99,6 +99,7 @@ RECIPES: dict[str, list[str]] = {
     # The FFN tied (W2 = W1^T, on z without LN2): a symmetric per-token Jacobian, whose top eigreg
     # reads exactly, and no FFN non-normality to slow the free phase at a held abscissa.
     "sched05_m15_ffntied": [*SCHED05_M15, "--ffn_tied"],
+    "sched05_m15_ffntied_lip2": [*SCHED05_M15, "--ffn_tied", "--ffn_lip", "2"],
 }
 
 
