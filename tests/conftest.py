@@ -1,10 +1,24 @@
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 from ept import EPTConfig, EquilibriumLM
 from ept.data import load_corpus, prepare
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(stem: str) -> ModuleType:
+    """benchmarks/STEM.py as a module (registered in sys.modules: dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{stem}", BENCHMARKS / f"{stem}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def small_model(scale: float = 1.0, seed: int = 0, c: float = 1.0, **overrides) -> EquilibriumLM:

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import load_benchmark
 
 from ept.cli import main
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def free_phase_bench():
-    spec = importlib.util.spec_from_file_location("free_phase_bench", BENCH / "free_phase.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("free_phase")
 
 
 def test_the_runs_own_stages_count_as_a_variant_and_an_unsettled_one_is_charged(free_phase_bench, corpus_file,

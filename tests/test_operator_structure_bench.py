@@ -2,34 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_benchmark, small_model
 
-from ept.config import EPTConfig
-from ept.model import EquilibriumLM
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def structure_bench():
-    spec = importlib.util.spec_from_file_location("operator_structure_bench", BENCH / "operator_structure.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("operator_structure")
 
 
-def _model(seed: int) -> EquilibriumLM:
-    torch.manual_seed(seed)
-    model = EquilibriumLM(EPTConfig(vocab_size=50, C=8, H=2, T=4, c=1.0)).double()
-    with torch.no_grad():  # a trained-looking block: forces well above the initial scale
-        for w in model.weight_matrices().values():
-            w.mul_(4.0)
-    return model
+def _model(seed: int):
+    """A trained-looking block: its forces well above the initial scale."""
+    return small_model(scale=4.0, seed=seed, C=8, H=2, T=4)
 
 
 def test_the_abscissa_splits_exactly_by_force(structure_bench):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import batch, small_model
+from conftest import batch, load_benchmark, small_model
 
 import ept
 from ept.bench import fevals as fe
@@ -357,13 +357,7 @@ def test_bench_raw_flag_is_spelt_as_in_eval_and_generate(argv, weights, monkeypa
 
 
 def test_solver_sweep_counts_only_the_sequences_plain_iteration_settles():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location(
-        "solver_sweep", Path(__file__).parent.parent / "benchmarks" / "solvers.py")
-    sweep = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sweep)
+    sweep = load_benchmark("solvers")
     counts = {"plain": [40, None, 90], "anderson": [10, 5, None]}
     cost, left_out = sweep.batch_cost(counts, max_evals=400)
     assert left_out == 1  # the second sequence: plain iteration never settled it
@@ -392,15 +386,9 @@ def test_the_bench_cosine_is_void_where_the_oracle_refined_z_star_away(monkeypat
 
 
 def test_momentum_ceiling_finds_the_interval_of_a_real_spectrum_and_pays_for_a_complex_pair():
-    import importlib.util
-    from pathlib import Path
-
     from ept.solvers.momentum import heavy_ball_params
 
-    spec = importlib.util.spec_from_file_location(
-        "momentum_ceiling", Path(__file__).parent.parent / "benchmarks" / "momentum_ceiling.py")
-    mc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mc)
+    mc = load_benchmark("momentum_ceiling")
     real = torch.linspace(-0.2, 0.9, 50, dtype=torch.float64).to(torch.complex128)
     rho, lo, hi = mc.best_interval(real)
     assert abs(lo + 0.2) < 0.051 and abs(hi - 0.9) < 0.006

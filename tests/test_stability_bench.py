@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-STABILITY = Path(__file__).resolve().parents[1] / "benchmarks" / "stability.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def stability():
-    spec = importlib.util.spec_from_file_location("stability_bench", STABILITY)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("stability")
 
 
 def fake_run(root: Path, name: str, mode: str, seed: int, fevals: list[float], val: float | None) -> Path:
