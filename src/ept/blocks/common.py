@@ -11,6 +11,11 @@ from ept import analytic
 GELU_LIP = 1.13  # above max |d gelu/dh| = 1.12899 (tests/test_blocks.py checks it)
 
 
+def spectral_norm(w: Tensor) -> Tensor:
+    """‖w‖₂, the largest singular value: a linear map's Lipschitz constant."""
+    return torch.linalg.matrix_norm(w, ord=2)
+
+
 def linear(layer: nn.Linear, h: Tensor) -> Tensor:
     if h.is_complex():
         bias = None if layer.bias is None else layer.bias.to(h.dtype)

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor, nn
 
 from ept import analytic
-from ept.blocks.common import GELU_LIP, causal_mask, heads, layer_norm, linear, merge
+from ept.blocks.common import causal_mask, heads, layer_norm, linear, merge, spectral_norm
+from ept.blocks.thick import bounded_ffn_scale
 
 
 def attention_weights(model: nn.Module, x: Tensor) -> Tensor:
@@ -40,18 +40,13 @@ def attention_weights(model: nn.Module, x: Tensor) -> Tensor:
     return analytic.softmax(s, mask=mask)
 
 
-def spectral_norm(w: Tensor) -> Tensor:
-    return torch.linalg.matrix_norm(w, ord=2)
-
-
 def lipschitz_scales(model: nn.Module, a: Tensor) -> tuple[Tensor, Tensor]:
     """(s_a per sequence (B,), s_f): each force's bound scaled to at most (1 + c − m)/2."""
     half = 0.5 * (1.0 + model.cfg.c - model.cfg.mono_m)
     attn, ffn = model.attn, model.ffn
     a_norm = a.sum(dim=-2).amax(dim=-1).sqrt().amax(dim=-1)
     att_bound = a_norm * spectral_norm(attn.v.weight) * spectral_norm(attn.o.weight)
-    ffn_bound = GELU_LIP * spectral_norm(ffn.fc1.weight) * spectral_norm(ffn.fc2.weight)
-    return (half / att_bound).clamp(max=1.0), (half / ffn_bound).clamp(max=1.0)
+    return (half / att_bound).clamp(max=1.0), bounded_ffn_scale(ffn, half)
 
 
 def mono_forces(model: nn.Module, z: Tensor, x: Tensor, fused: bool = True) -> list[Tensor]:

@@ -12,10 +12,9 @@ import math
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.linalg import matrix_norm
 
 from ept import analytic
-from ept.blocks.common import GELU_LIP, causal_mask, heads, layer_norm, linear
+from ept.blocks.common import GELU_LIP, causal_mask, heads, layer_norm, linear, spectral_norm
 from ept.config import EPTConfig
 
 
@@ -67,9 +66,10 @@ class FeedForward(nn.Module):
 
 
 def bounded_ffn_scale(ffn: FeedForward, lip: float, tied: bool = False) -> Tensor:
-    """s = min(1, lip / (1.13 ‖W₂‖₂ ‖W₁‖₂)): s·FFN(z) is lip-Lipschitz in z (mono's bound, one force)."""
-    w1 = matrix_norm(ffn.fc1.weight, ord=2)
-    bound = GELU_LIP * w1 * (w1 if tied else matrix_norm(ffn.fc2.weight, ord=2))
+    """s = min(1, lip / (1.13 ‖W₂‖₂ ‖W₁‖₂)): s·FFN(z) is lip-Lipschitz in z (W₂ = W₁ when tied).
+    Also the monotone block's FFN scale."""
+    w1 = spectral_norm(ffn.fc1.weight)
+    bound = GELU_LIP * w1 * (w1 if tied else spectral_norm(ffn.fc2.weight))
     return (lip / bound).clamp(max=1.0)
 
 
