@@ -104,10 +104,9 @@ def force_jacobians(model: EquilibriumLM, x: torch.Tensor, z: torch.Tensor) -> l
     """Dense ∂N_i/∂z of each of the block's forces (``model.forces``: attention, FFN) at one sequence."""
     x, z = x.detach(), z.detach()
     n = z.numel()
-    count = len(model.forces(z, x, fused=False))
     with torch.enable_grad():
-        jacs = [torch.autograd.functional.jacobian(lambda s, i=i: model.forces(s, x, fused=False)[i], z,
-                                                   vectorize=True) for i in range(count)]
+        jacs = torch.autograd.functional.jacobian(lambda s: tuple(model.forces(s, x, fused=False)), z,
+                                                  vectorize=True)
     return [j.reshape(n, n).double() for j in jacs]
 
 
