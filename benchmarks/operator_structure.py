@@ -59,11 +59,15 @@ def equilibrium(model: EquilibriumLM, idx: torch.Tensor) -> tuple[torch.Tensor, 
     return x[ok], z[ok]
 
 
-def relax_steps(M: torch.Tensor, probes: torch.Tensor, eps: float = 0.25, shrink: float = 1e-3) -> int | None:
-    G = torch.eye(M.shape[0], dtype=M.dtype) + eps * M
-    e, start = probes.clone(), probes.norm(dim=0)
-    for k in range(1, 5000):
-        e = G @ e
+def steps_to_shrink(M: torch.Tensor, probes: torch.Tensor, a: float, b: float = 0.0, shrink: float = 1e-3,
+                    cap: int = 5000) -> int | None:
+    """Steps of the linearised relaxation e ← e + a·M e + b·(e − e_prev) until every probe (a column)
+    is ``shrink`` times smaller; None if it blows up or the cap is reached."""
+    e_prev, e, start = probes.clone(), probes.clone(), probes.norm(dim=0)
+    for k in range(1, cap):
+        e, e_prev = e + a * (M @ e) + b * (e - e_prev), e
+        if not bool(torch.isfinite(e).all()):
+            return None
         if bool((e.norm(dim=0) <= shrink * start).all()):
             return k
     return None
@@ -96,7 +100,8 @@ def structure(model: EquilibriumLM, x: torch.Tensor, z: torch.Tensor) -> dict[st
         "eig_re_min": float(ev.real.min()),
         "numerical_abscissa": float(torch.linalg.eigvalsh(0.5 * (J + J.T)).max()),
         "numerical_abscissa_token_blocks": float(torch.linalg.eigvalsh(0.5 * (Jd + Jd.T)).max()),
-        "relax_steps": relax_steps(J, probes), "relax_steps_token_blocks": relax_steps(Jd, probes),
+        "relax_steps": steps_to_shrink(J, probes, 0.25),
+        "relax_steps_token_blocks": steps_to_shrink(Jd, probes, 0.25),
     }
 
 

@@ -23,25 +23,12 @@ import json
 
 import numpy as np
 import torch
-from operator_structure import equilibrium  # benchmarks/, the script's own directory
+from operator_structure import equilibrium, steps_to_shrink  # benchmarks/, the script's own directory
 
 from ept.cli.fingerprint import load_run
 from ept.data import builtin_tokens, fixed_batch
 from ept.diagnostics import dense_jacobian
 from ept.solvers.momentum import heavy_ball_params
-
-
-def steps_to_shrink(M: torch.Tensor, probes: torch.Tensor, a: float, b: float = 0.0, shrink: float = 1e-3,
-                    cap: int = 3000) -> int | None:
-    """Steps of e ← e + a·M e + b·(e − e_prev) until every probe is ``shrink`` times smaller."""
-    e_prev, e, start = probes.clone(), probes.clone(), probes.norm(dim=0)
-    for k in range(1, cap):
-        e, e_prev = e + a * (M @ e) + b * (e - e_prev), e
-        if not bool(torch.isfinite(e).all()):
-            return None
-        if bool((e.norm(dim=0) <= shrink * start).all()):
-            return k
-    return None
 
 
 def measure(M: torch.Tensor, probes: torch.Tensor) -> dict[str, float | int | None]:
@@ -50,7 +37,7 @@ def measure(M: torch.Tensor, probes: torch.Tensor) -> dict[str, float | int | No
     # −M's spectrum [lo, hi] is the relaxation map I + M's [1 − hi, 1 − lo].
     map_lo, map_hi = (torch.tensor(v, dtype=torch.float64) for v in (1 - hi, 1 - max(lo, 1e-9)))
     hb_a, hb_b = heavy_ball_params(map_lo, map_hi)
-    hb = steps_to_shrink(M, probes, float(hb_a), float(hb_b))
+    hb = steps_to_shrink(M, probes, float(hb_a), float(hb_b), cap=3000)
     plain = {a: steps_to_shrink(M, probes, a, cap=600) for a in np.round(np.arange(0.1, 1.01, 0.1), 1)}
     best = min(((k, a) for a, k in plain.items() if k is not None), default=(None, None))
     return {"re_lo": lo, "re_hi": hi, "imag_max": float(ev.imag.abs().max()), "heavy_ball_steps": hb,

@@ -42,3 +42,20 @@ def test_a_silenced_force_owns_nothing(structure_bench):
     assert out["ffn"]["top_share"] == 0.0 and out["ffn"]["antisym_ratio"] == 0.0
     assert out["attention"]["antisym_ratio"] == pytest.approx(1.0)  # all of J's antisymmetry is attention's
     assert out["ffn"]["spectral_abscissa_alone"] == pytest.approx(-2.0)  # the leak alone
+
+
+def test_steps_to_shrink_counts_the_slowest_mode(structure_bench):
+    # Diagonal M: mode i shrinks by |1 + a·m_i| a step; the slowest one sets the count.
+    M = torch.diag(torch.tensor([-0.4, -1.0, -2.0], dtype=torch.float64))
+    probes = torch.eye(3, dtype=torch.float64)
+    k = structure_bench.steps_to_shrink(M, probes, a=0.5)
+    assert k == int(torch.tensor(1e-3).log().div(torch.tensor(0.8).log()).ceil())  # 31: 0.8^31 < 1e-3
+    # A growing mode never shrinks: None, not a count.
+    eye = torch.eye(2, dtype=torch.float64)
+    assert structure_bench.steps_to_shrink(eye, eye, a=0.5, cap=50) is None
+    # The heavy ball tuned to the interval beats the best plain step on a stiff spectrum.
+    M = torch.diag(torch.linspace(-0.1, -1.9, 20, dtype=torch.float64))
+    P = torch.eye(20, dtype=torch.float64)
+    plain = structure_bench.steps_to_shrink(M, P, a=1.0)
+    a, b = 4 / (0.1 ** 0.5 + 1.9 ** 0.5) ** 2, ((1.9 ** 0.5 - 0.1 ** 0.5) / (1.9 ** 0.5 + 0.1 ** 0.5)) ** 2
+    assert structure_bench.steps_to_shrink(M, P, a=a, b=b) < plain / 2
