@@ -59,3 +59,20 @@ def test_the_front_is_titled_by_the_runs_length_only_when_they_share_one(stabili
     same = [{"run": "eig05_s0_n800"}, {"run": "mono_s2_n800"}]
     assert stability.steps_title(same) == " at 800 steps"
     assert stability.steps_title([*same, {"run": "mono_s0_n2000"}]) == ""
+
+
+def test_every_recipe_is_a_valid_training_config(stability):
+    # The record's commands name recipes: a flag renamed or a setting's check tightened since must
+    # fail here, not an hour into a rerun. Parsed the way `ept train` parses its own argv.
+    from ept.cli import UsageError, build_parser
+    from ept.cli.train import _given, resolve_new
+
+    parser = build_parser()
+    for name, flags in stability.RECIPES.items():
+        args = parser.parse_args(["train", "--steps", "20", "--seed", "1", "--out", "unused", *flags])
+        cfg = resolve_new(_given(args))
+        assert cfg.train.steps == 20, name
+    # ...and a recipe whose settings conflict would be caught, not trained.
+    bad = parser.parse_args(["train", "--out", "unused", "--eig_floor", "5", "--eig_dir", "slow"])
+    with pytest.raises(UsageError, match="eig_floor"):
+        resolve_new(_given(bad))
