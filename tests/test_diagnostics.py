@@ -245,3 +245,13 @@ def test_contraction_watch_warns_once_per_signal_and_not_on_a_steady_run() -> No
     assert watch.update({"step": 130, "event": "diag", "numerical_abscissa": -0.4}) == []
     (w,) = watch.update({"step": 140, "event": "diag", "numerical_abscissa": -0.01})
     assert w["signal"] == "omega"
+
+
+def test_the_warning_names_the_margin_the_schedule_loosens_to():
+    from ept.runlog import contraction_hint
+
+    fixed = contraction_hint({"eigreg": 1.0, "eig_margin": 0.5, "eig_margin_end": None})
+    assert "--eig_margin above 0.5" in fixed and "eig_margin_end" not in fixed
+    sched = contraction_hint({"eigreg": 1.0, "eig_margin": 0.5, "eig_margin_end": -1.5})
+    assert "--eig_margin_end above -1.5" in sched
+    assert "--eigreg 1" in contraction_hint({"eigreg": 0.0})

@@ -61,6 +61,10 @@ def progress_line(rec: dict, steps: int, val: float | None) -> str:
 def contraction_hint(control: dict[str, Any]) -> str:
     """The control the early warning names (docs/experiments/stability.md measured the levers)."""
     if float(control.get("eigreg", 0)) > 0:
+        end = control.get("eig_margin_end")
+        if end is not None:  # the hold loosens over the decay, where a warning most often fires
+            return (f"raise --eig_margin above {control.get('eig_margin')} (--eig_margin_end above {end} "
+                    "if it fires in the decay) or lower --lr")
         return f"raise --eig_margin above {control.get('eig_margin')} or lower --lr"
     return "hold it with --eigreg 1 --eig_margin 0.5 (the tiny preset's) or a lower --lr"
 
