@@ -255,3 +255,31 @@ def test_the_warning_names_the_margin_the_schedule_loosens_to():
     sched = contraction_hint({"eigreg": 1.0, "eig_margin": 0.5, "eig_margin_end": -1.5})
     assert "--eig_margin_end above -1.5" in sched
     assert "--eigreg 1" in contraction_hint({"eigreg": 0.0})
+
+
+def test_the_watch_reads_drops_as_a_share_and_omega_against_the_loosened_hold() -> None:
+    from ept.diagnostics import ContractionWatch
+
+    def log(step, mean, most, margin=None):
+        rec = {"step": step, "loss": 4.0, "T1": 20, "dropped_seqs": mean, "dropped_seqs_max": most}
+        return rec if margin is None else {**rec, "eig_margin": margin}
+
+    # One sequence of 8 in a fifth of the steps, three logs running: 2.5% of the batch, under 5%.
+    watch = ContractionWatch("try X", batch=8)
+    assert not any(watch.update(log(10 * i, 0.2, 1.0)) for i in range(6))
+    (w,) = watch.update(log(60, 1.0, 2.0))  # (0.2 + 0.2 + 1.0) / 3 / 8 = 5.8% of the batch
+    assert w["signal"] == "dropped" and "of the batch" in w["message"]
+
+    # The schedule loosened the hold to -1.0 (omega may reach +1.0): +0.4 is not a warning, +1.2 is.
+    watch = ContractionWatch("try X", batch=8)
+    watch.update({"step": 100, "event": "diag", "numerical_abscissa": -0.4})
+    watch.update(log(110, 0.0, 0.0, margin=-1.0))
+    assert watch.update({"step": 120, "event": "diag", "numerical_abscissa": 0.4}) == []
+    (w,) = watch.update({"step": 130, "event": "diag", "numerical_abscissa": 1.2})
+    assert w["signal"] == "omega" and "+1.00" in w["message"]
+    # While the margin is still positive the bar stays just below 0.
+    watch = ContractionWatch("try X", batch=8)
+    watch.update({"step": 100, "event": "diag", "numerical_abscissa": -0.4})
+    watch.update(log(110, 0.0, 0.0, margin=0.35))
+    (w,) = watch.update({"step": 120, "event": "diag", "numerical_abscissa": -0.01})
+    assert "no contraction margin left" in w["message"]

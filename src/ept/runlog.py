@@ -88,7 +88,7 @@ def contraction_watch(cfg: RunConfig, history: list[dict[str, Any]]) -> Any:
         return None
     from ept.diagnostics import ContractionWatch
 
-    watch = ContractionWatch(contraction_hint(cfg.control))
+    watch = ContractionWatch(contraction_hint(cfg.control), batch=cfg.train.B)
     for rec in history:
         if rec.get("event") == "contraction_warning":
             watch.fired.add(rec["signal"])

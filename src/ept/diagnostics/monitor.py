@@ -140,20 +140,24 @@ class ContractionWatch:
     - ``fevals``: the free phase's median F-evals over the last ``recent`` logs exceed ``factor`` ×
       their median over the run's first ``baseline`` logs (a slowing relaxation: its slowest mode
       nears 0);
-    - ``dropped``: sequences left out of EP (no equilibrium below drop_res) in ``recent`` logs running;
+    - ``dropped``: sequences left out of EP (no equilibrium below drop_res) in ``recent`` logs
+      running, on average at least ``drop_share`` of the ``batch`` (without a batch size: any);
     - ``omega``: the logged numerical abscissa ω(J) (``--diag_cos``) rising above ``-omega_margin``
       after it had been below (a block that was never contractive in norm, as most trained ones are
-      not, would warn at its first record and say nothing).
+      not, would warn at its first record and say nothing). Where eigreg's schedule has loosened
+      the hold past 0 (the records' ``eig_margin`` < 0), the bar is the loosened bound ``-eig_margin``:
+      the tiny preset lets ω reach +1.5 over its decay by design.
     """
 
     def __init__(self, control: str, factor: float = 2.0, baseline: int = 5, recent: int = 3,
-                 omega_margin: float = 0.05):
+                 omega_margin: float = 0.05, batch: int | None = None, drop_share: float = 0.05):
         self.control, self.factor, self.baseline, self.recent = control, factor, baseline, recent
-        self.omega_margin = omega_margin
+        self.omega_margin, self.batch, self.drop_share = omega_margin, batch, drop_share
         self.fevals: list[float] = []
-        self.dropped: list[float] = []
+        self.dropped: list[tuple[float, float]] = []  # (mean a step, most in one step) per log
         self.fired: set[str] = set()
         self.omega_held = False  # a record had ω below -omega_margin
+        self.margin: float | None = None  # eigreg's margin in force, from the last record that logged it
 
     def _fire(self, signal: str, what: str) -> dict[str, Any] | None:
         if signal in self.fired:
@@ -161,12 +165,18 @@ class ContractionWatch:
         self.fired.add(signal)
         return {"signal": signal, "message": f"contraction warning: {what}; {self.control}"}
 
+    def _omega_bar(self) -> float:
+        return max(-self.omega_margin, -self.margin) if self.margin is not None else -self.omega_margin
+
     def update(self, rec: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Feed one metrics record (a log window or a diag record); returns the warnings it raised."""
         out = []
+        if rec.get("eig_margin") is not None:
+            self.margin = float(rec["eig_margin"])
         if rec.get("T1") is not None and "loss" in rec:
             self.fevals.append(float(rec["T1"]))
-            self.dropped.append(float(rec.get("dropped_seqs_max", rec.get("dropped_seqs", 0.0))))
+            most = float(rec.get("dropped_seqs_max", rec.get("dropped_seqs", 0.0)))
+            self.dropped.append((float(rec.get("dropped_seqs", most)), most))
             if len(self.fevals) >= self.baseline + self.recent:
                 base = float(np.median(self.fevals[: self.baseline]))
                 now = float(np.median(self.fevals[-self.recent:]))
@@ -174,15 +184,20 @@ class ContractionWatch:
                     out.append(self._fire("fevals", f"the free phase's F-evals rose from {base:.0f} to "
                                                     f"{now:.0f} (median of the last {self.recent} logs)"))
             last = self.dropped[-self.recent:]
-            if len(last) == self.recent and min(last) > 0:
+            share = sum(mean for mean, _ in last) / len(last) / self.batch if self.batch else 1.0
+            if len(last) == self.recent and min(most for _, most in last) > 0 and share >= self.drop_share:
+                what = f"up to {max(most for _, most in last):.0f} a step left out of EP"
+                if self.batch:
+                    what += f", {share:.0%} of the batch"
                 out.append(self._fire("dropped", f"sequences found no equilibrium in {self.recent} logs "
-                                                 f"running (up to {max(last):.0f} a step left out of EP)"))
+                                                 f"running ({what})"))
         omega = rec.get("numerical_abscissa")
         if omega is not None and np.isfinite(omega) and omega <= -self.omega_margin:
             self.omega_held = True
-        elif omega is not None and np.isfinite(omega) and self.omega_held:
-            out.append(self._fire("omega", f"the numerical abscissa ω(J) is {omega:+.3f}, no contraction "
-                                           "margin left"))
+        elif omega is not None and np.isfinite(omega) and self.omega_held and omega > self._omega_bar():
+            bar = "no contraction margin left" if self._omega_bar() < 0 else (
+                f"above {self._omega_bar():+.2f}, the bound eigreg's loosened schedule holds now")
+            out.append(self._fire("omega", f"the numerical abscissa ω(J) is {omega:+.3f}, {bar}"))
         return [w for w in out if w is not None]
 
 
