@@ -89,7 +89,6 @@ RECIPES: dict[str, list[str]] = {
     # Margin 0 held throughout was the front's middle at 2000 steps (1.90-2.05x, +0.05); the floor
     # took margin 0.5 from 2.18x to 1.31x at the same loss.
     "eig0_floor5": ["--eigreg", "1", "--eig_margin", "0.0", *FIXED, "--eig_floor", "5"],
-    "eigm025_floor5": ["--eigreg", "1", "--eig_margin", "-0.25", *FIXED, "--eig_floor", "5"],
     # The block itself as the lever: mono is strongly monotone for every weight (its relaxation
     # contracts by a fixed factor, so training cannot create slow modes); energy is F = -grad E,
     # whose per-token blocks are symmetric (where the thick block's non-normality lives).
