@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -82,14 +83,14 @@ def test_saving_the_current_step_again_keeps_the_pointer_valid(tmp_path, monkeyp
     with torch.no_grad():
         model.head.weight.add_(1.0)
     seen = []
-    real_rmtree = ckpt.shutil.rmtree
+    real_replace = ckpt.os.replace
 
-    def watch(path, *a, **k):
-        if path == tmp_path / "ckpt-0000005":
+    def watch(src, dst, *a, **k):  # the old copy leaves its name (then is deleted out of sight)
+        if Path(src) == tmp_path / "ckpt-0000005" and Path(dst).name.startswith(".tmp-"):
             seen.append(ckpt.load_checkpoint(tmp_path).weights["model"]["head.weight"].clone())
-        return real_rmtree(path, *a, **k)
+        return real_replace(src, dst, *a, **k)
 
-    monkeypatch.setattr(ckpt.shutil, "rmtree", watch)
+    monkeypatch.setattr(ckpt.os, "replace", watch)
     ckpt.save_checkpoint(tmp_path, 5, {"model": model.state_dict()}, _state(model, opt, 5))
     assert len(seen) == 1 and torch.equal(seen[0], model.head.weight)  # the pointer named the new copy
     loaded = ckpt.load_checkpoint(tmp_path)

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -195,7 +196,7 @@ def save_checkpoint(
                 # complete copy, so no moment leaves it naming a missing or half-replaced checkpoint.
                 write_json(run / LATEST, {"checkpoint": tmp.name, "step": step, **(meta or {})})
                 pointed = True
-            shutil.rmtree(final)  # else a leftover of a crash after the rename, before the pointer moved
+            _discard(final)  # else a leftover of a crash after the rename, before the pointer moved
         os.replace(tmp, final)
         _fsync_dir(run)
     except BaseException as e:
@@ -221,11 +222,22 @@ def _pointer_target(run: Path) -> str | None:
         return None
 
 
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint folder so that no moment shows it half-deleted under its own name: it is
+    renamed out of sight first (a kill during rmtree left a visible ckpt-* missing files)."""
+    trash = folder.with_name(f".tmp-{folder.name}-del-{secrets.token_hex(4)}")
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _prune(run: Path, keep: int, current: str) -> None:
     ckpts = sorted((p for p in run.iterdir() if _NAME.match(p.name)), key=lambda p: p.name)
     for old in ckpts[:-keep] if keep > 0 else ckpts:
         if old.name != current:
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                _discard(old)
+            except OSError:
+                pass  # gone already, or not ours to move: the next prune tries again
     for tmp in run.glob(".tmp-ckpt-*"):
         shutil.rmtree(tmp, ignore_errors=True)
 
