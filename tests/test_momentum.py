@@ -153,3 +153,53 @@ def test_heavy_ball_contraction_is_sqrt_b_on_its_interval_and_more_beside_it():
     mu = torch.tensor([0.5 + 0.3j, -0.2 + 0j, 0.9 + 0j], dtype=torch.complex128)
     zero = torch.tensor(0.0, dtype=torch.float64)
     torch.testing.assert_close(contraction(zero, zero, mu), mu.abs())
+
+
+def _step_coefficients(out: torch.Tensor, x: torch.Tensor, r: torch.Tensor,
+                       px: torch.Tensor) -> tuple[float, float]:
+    """(a, b) of the step out = x + a·r + b·(x − px) the heavy ball just took."""
+    basis = torch.stack([r.flatten(), (x - px).flatten()], 1)
+    ab = torch.linalg.lstsq(basis, (out - x).flatten().unsqueeze(1)).solution.flatten()
+    return float(ab[0]), float(ab[1])
+
+
+def test_a_stiff_mode_once_revealed_is_not_forgotten():
+    """A trained small-preset block's relaxation map had a mode at -2.39 (J's eigenvalue -6.8 at eps
+    0.5): the heavy ball tuned to it damped it, the mode left the 4-step window, the edge drifted back
+    to -0.7, the tuned ball regrew it (x4.7 a step) until the restarts handed the sequence to plain
+    steps, which grow it by 2.39 a step: the free phase blew up. Here a window first holds a stiff
+    step, then only mild ones; the step taken then must still contract the stiff mode."""
+    from ept.config import SolverConfig
+    from ept.solvers.momentum import HeavyBall
+
+    mu = torch.tensor([-2.4, 0.9, 0.6, 0.3], dtype=torch.float64)  # the relaxation map's (4 = mom_m)
+    cfg = SolverConfig(method="momentum", eps=0.5)
+    g = torch.Generator().manual_seed(0)
+    hb = HeavyBall.from_config(cfg)
+    z = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    out = x = px = r = z
+    for k in range(12):
+        stiff = k < 4  # the first steps move along the stiff mode too, the later ones do not
+        along = torch.tensor([1.0 if stiff else 0.0, 1, 1, 1], dtype=torch.float64)
+        dz = torch.randn(1, 4, generator=g, dtype=torch.float64) * along
+        px, x = x, x + 0.1 * dz
+        fz = (mu - 1) * x / cfg.eps  # F = (g - I) z / eps with the fixed point at 0
+        r = cfg.eps * fz
+        out = hb.step(x, fz, torch.tensor([0.01 * 0.9**k], dtype=torch.float64), None, cfg)
+    a, b = _step_coefficients(out, x, r, px)
+    p = complex(1 + b - a * (1 - float(mu[0])))  # the stiff mode's recurrence: roots of s² - p s + b
+    d = (p * p - 4 * b) ** 0.5
+    assert max(abs((p + d) / 2), abs((p - d) / 2)) < 1
+
+
+def test_plain_steps_shrink_to_the_stiff_end_revealed():
+    """Without momentum (far from the solution, or after the restarts) a step a = 1 grows a mode
+    below -1; the plain step is 1 above it and Richardson's optimum below, contracting both ends."""
+    from ept.solvers.momentum import plain_step
+
+    lo = torch.tensor([-0.8, -2.5], dtype=torch.float64)
+    hi = torch.tensor([0.9, 0.9], dtype=torch.float64)
+    a = plain_step(lo, hi)
+    assert a[0] == 1.0
+    for mode in (lo[1], hi[1]):
+        assert abs(1 + a[1] * (mode - 1)) < 1

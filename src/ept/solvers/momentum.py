@@ -30,10 +30,12 @@ class HeavyBall:
     the eigenvalues of (ΔZᵀΔZ)⁻¹ ΔZᵀΔR are the Ritz values of ∂g/∂z − I on the span of recent steps,
     whose extreme ones converge first; hi is the largest real one, clipped to [0.5, 0.995]. Modes in
     (hi, 1) still contract (more slowly), so an underestimate costs steps, not stability; modes below
-    lo − (1 − hi) grow, so lo is ``mom_lo`` or, where the window's lowest Ritz value is below it,
-    that value less 0.1: training stiffens a block until its map has eigenvalues near -1 at eps 0.5
-    (``docs/experiments/stability.md``), where plain iteration barely contracts and a heavy ball tuned
-    to -0.3 diverges.
+    lo − (1 − hi) grow, so lo is ``mom_lo`` or, where a window of this solve has shown a lower Ritz
+    value, the lowest one less 0.1: training stiffens a block until its map has eigenvalues near -1
+    at eps 0.5 (``docs/experiments/stability.md``), where plain iteration barely contracts and a heavy
+    ball tuned to -0.3 diverges. The edge is kept for the whole solve: a damped stiff mode leaves the
+    window but not the operator, and a ball tuned without it regrows it (the small preset's blow-ups
+    at step 456-511 of a 3000-step run, a mode at -2.4, ``docs/experiments/small_preset.md``).
 
     The step is a polynomial in the dynamics, not a root finder: z* is a fixed point of it exactly
     when it is one of g, and one where g has an eigenvalue above 1 (a saddle the dynamics leaves)
@@ -42,7 +44,7 @@ class HeavyBall:
 
     Safeguards, per sequence: plain steps while far (as Anderson's); a residual ``mom_restart`` times
     its best since the last restart drops the momentum and the recent steps; the third time, plain
-    steps for good.
+    steps for good. A plain step is shortened below 1 where the edge is below -1 (:func:`plain_step`).
     """
 
     recovers = True
@@ -63,6 +65,7 @@ class HeavyBall:
         self.best: Tensor | None = None
         self.prev_res: Tensor | None = None
         self.restarts: Tensor | None = None
+        self.lo_seen: Tensor | None = None  # (B,) the lowest Ritz value this solve has revealed
         self.count = 0
 
     def forget(self, rows: Tensor) -> None:
@@ -92,11 +95,12 @@ class HeavyBall:
             self.best = torch.full((B,), float("inf"), dtype=torch.float64, device=x.device)
             self.prev_res = self.best.clone()
             self.restarts = torch.zeros(B, dtype=torch.long, device=x.device)
+            self.lo_seen = torch.zeros(B, dtype=torch.float64, device=x.device)
             self.prev = (x, r)
         assert self.dZ is not None and self.dR is not None and self.ok is not None and self.fresh is not None
         assert self.gram is not None and self.cross is not None
         assert self.started is not None and self.plain_only is not None and self.best is not None
-        assert self.prev_res is not None and self.restarts is not None
+        assert self.prev_res is not None and self.restarts is not None and self.lo_seen is not None
         res = res.to(x.device)
         px, pr = self.prev
         slot = self.count % self.m
@@ -120,15 +124,24 @@ class HeavyBall:
         still = self.fresh | lost  # no momentum this step
         ritz_lo, hi = ritz_range(self.gram, self.cross, self.ok)
         hi = hi.clamp(*MOM_HI).to(x.device)
-        lo = (ritz_lo.to(x.device) - _MOM_LO_ROOM).clamp_min(_MOM_LO_MIN).clamp_max(self.lo)
+        self.lo_seen = torch.minimum(self.lo_seen, ritz_lo.to(x.device))
+        lo = (self.lo_seen - _MOM_LO_ROOM).clamp_min(_MOM_LO_MIN).clamp_max(self.lo)
         a, b = heavy_ball_params(lo, hi)
         b = torch.where(still, 0.0, b)
         plain = far | self.plain_only
-        a, b = torch.where(plain, 1.0, a).to(x.dtype), torch.where(plain, 0.0, b).to(x.dtype)
+        a = torch.where(plain, plain_step(lo, hi), a).to(x.dtype)
+        b = torch.where(plain, 0.0, b).to(x.dtype)
         out = x + a.unsqueeze(1) * r + b.unsqueeze(1) * (x - px)
         self.prev, self.prev_res = (x, r), res
         self.fresh = torch.zeros_like(self.fresh)
         return unflat(out, z)
+
+
+def plain_step(lo: Tensor, hi: Tensor) -> Tensor:
+    """The step a of z ← z + a·r without momentum: 1 (the dynamics) unless the spectrum reaches
+    below -1, where a plain step grows that mode; there Richardson's optimum 2 / ((1 − lo) + (1 − hi)),
+    which contracts both ends alike."""
+    return torch.where(lo < -1, 2 / ((1 - lo) + (1 - hi)), torch.ones_like(lo))
 
 
 def heavy_ball_params(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
