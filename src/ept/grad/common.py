@@ -84,9 +84,13 @@ def readout_ce_grad(model: EquilibriumLM, z: Tensor, targets: Tensor) -> Tensor:
     W = model.head.weight.detach().to(z.dtype)
     logits = z.detach() @ W.t()
     p = analytic.softmax(logits) if z.is_complex() else torch.softmax(logits, dim=-1)
-    valid = (targets >= 0).unsqueeze(-1)
-    p = p.scatter_add(-1, targets.clamp_min(0).unsqueeze(-1), -torch.ones_like(p[..., :1]))
-    return p.masked_fill(~valid, 0) @ W
+    # In place on the fresh softmax, and no mask where every target counts (an LM's): each (B, T, V)
+    # copy cost ~35 ms at the small preset's nudged batch (32 x 128 x 2048), 0.28 -> 0.20 s a call.
+    p.scatter_add_(-1, targets.clamp_min(0).unsqueeze(-1), -torch.ones_like(p[..., :1]))
+    valid = targets >= 0
+    if not bool(valid.all()):
+        p.masked_fill_(~valid.unsqueeze(-1), 0)
+    return p @ W
 
 
 def local_update(model: EquilibriumLM, idx: Tensor, targets: Tensor, z_star: Tensor, lam: Tensor) -> Grads:
