@@ -184,6 +184,22 @@ def test_seed_spelling_state_resumes_and_steps_extend(trained_run: Path, tmp_pat
     assert summary["steps"] == 6 and summary["run"] == str(run)
 
 
+def test_resume_may_change_steps_and_threads_and_nothing_else(trained_run: Path, tmp_path, capsys) -> None:
+    import torch
+
+    run = tmp_path / "more"
+    shutil.copytree(trained_run, run)
+    _usage_error(capsys, ["train", "--resume", str(run), "--lr", "0.1"], "--lr cannot change when resuming")
+    before = torch.get_num_threads()
+    try:
+        assert main(["train", "--resume", str(run), "--steps", "6", "--threads", "1", "--json"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 6
+
+
 @pytest.mark.parametrize(
     "flag, value, word",
     [

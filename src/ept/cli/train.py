@@ -41,7 +41,9 @@ from ept.runlock import LOCK_FILE, RunLock, RunLocked
 from ept.train import TrainingDiverged, train, write_run_files
 
 RUN_FLAGS = ("out", "resume", "ckpt", "state", "init_ckpt", "stop_after", "json", "preset")
-RESUMABLE = ("steps",)  # flags a resumed run may change (extending it); everything else is fixed
+# Flags a resumed run may change: its length (extending it) and the machine's threads (the math is the
+# same, up to the order of float sums); everything else is fixed by the run's config.json.
+RESUMABLE = ("steps", "threads")
 
 
 # The --help group each RunConfig section's flags are listed under.
@@ -317,6 +319,8 @@ def resume_overrides(cfg: RunConfig, flags: dict[str, Any]) -> RunConfig:
                 f"--steps {flags['steps']} is below the run's {cfg.train.steps}: resume can only extend a run"
             )
         cfg.train = dataclasses.replace(cfg.train, steps=flags["steps"])
+    if "threads" in flags:
+        cfg.train = dataclasses.replace(cfg.train, threads=flags["threads"])
     return cfg
 
 
