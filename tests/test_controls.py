@@ -149,6 +149,20 @@ def test_lanczos_bottom_eigenpair_is_the_smallest_algebraic():
     assert (bottom3 >= want[:, 0] - 1e-9).all() and (top3 <= want[:, -1] + 1e-9).all()
 
 
+def test_eigreg_logs_the_stiff_end_without_a_floor():
+    """The Lanczos run's bottom Ritz value is logged as eig_bottom with no floor set, and it adds
+    nothing to the penalty."""
+    model, x, z = make(B=2)
+    n = z[0].numel()
+    with torch.enable_grad():
+        jac = graph_jacobians(model, x, z)
+        ev = torch.linalg.eigvalsh(0.5 * (jac + jac.transpose(1, 2)))
+    plain = Controller(ControlConfig(eigreg=0.5, eig_margin=-10.0, eig_iters=n))
+    grads, logs = plain.penalty_grads(model, x, z, {})
+    assert logs["eig_bottom"] == pytest.approx(ev[:, 0].min().item(), rel=1e-8)
+    assert logs["penalty"] == 0.0 and all(float(g.abs().max()) == 0.0 for g in grads.values())
+
+
 def test_eig_floor_gradient_is_the_gradient_of_the_bottom_eigenvalue():
     """The floor's penalty relu(-L - λ_min(S))² beside the margin's, against dense eigvalsh."""
     model, x, z = make(B=2)
