@@ -78,18 +78,20 @@ def test_momentum_follows_the_dynamics_where_a_root_finder_takes_the_saddle():
     torch.testing.assert_close(zb, torch.ones_like(zb), rtol=0, atol=1e-8)
 
 
-@pytest.mark.parametrize("low", [-0.6, -1.5])
+@pytest.mark.parametrize("low", [-0.6, -1.5, -3.3, -6.0])
 def test_the_lower_edge_follows_a_stiff_mode_the_steps_reveal(low):
     """A relaxation map with an eigenvalue below mom_lo (-0.3): a heavy ball tuned to [-0.3, hi]
     amplifies that mode, so its lower edge is read off the window's lowest Ritz value. The solve
-    converges fast without the restart safeguard, also at -1.5, where plain iteration diverges."""
+    converges at the heavy ball's rate, ~√κ steps (κ = (1 - lo) / (1 - hi)), without the restart
+    safeguard, also where plain iteration diverges; -3.3 is the small preset's trained block at
+    step 460 (J's stiff end -8.6 at eps 0.5), below the edge's old floor of -3."""
     spectrum = torch.cat([torch.tensor([low]), torch.linspace(0.0, 0.95, 19)]).to(torch.float64)
     f, exact = relaxation_problem(spectrum)
     z0 = torch.zeros_like(exact)
     _, plain = ept.solve(f, z0, method="fixed_point", tol=1e-8, max_iter=1000)
     for safeguard in ({}, {"mom_restart": 1e30}):
         z, st = ept.solve(f, z0, method="momentum", tol=1e-8, max_iter=1000, **safeguard)
-        assert st.converged and not st.diverged and st.fevals <= 80
+        assert st.converged and not st.diverged and st.fevals <= 12 * ((1 - low) / (1 - 0.95)) ** 0.5
         torch.testing.assert_close(z, exact, rtol=1e-6, atol=1e-6)
     assert plain.converged == (low > -1) and (not plain.converged or plain.fevals > 300)
 
