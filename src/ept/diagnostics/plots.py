@@ -40,7 +40,8 @@ def plot_run(records: list[dict[str, Any]], path: str | Path, title: str = "") -
     """Loss and val CE, residual, gradient cosines and abscissas of a run, against the step.
 
     ``records`` are metrics.jsonl lines: training records (``loss``, ``free_residual``), val
-    records (``val_ce``) and ``--diag_cos`` records (``cos_ep_*``, ``*_abscissa``).
+    records (``val_ce``), ``--diag_cos`` records (``cos_ep_*``, ``*_abscissa``) and eigreg's ends of
+    (J+Jᵀ)/2 (``eig_omega``, ``eig_bottom``) where the run logs them.
     """
     fig, axes = plt.subplots(1, 4, figsize=(18, 4))
     panels = [
@@ -48,8 +49,12 @@ def plot_run(records: list[dict[str, Any]], path: str | Path, title: str = "") -
         (axes[1], "||F(z*)|| / ||z*||", [("train", ("free_residual",)), ("diag", ("residual",))], True),
         (axes[2], "cosine", [("EP vs implicit", ("cos_ep_implicit",)), ("EP vs BPTT", ("cos_ep_bptt",))],
          False),
-        (axes[3], "abscissa", [("spectral", ("spectral_abscissa",)), ("numerical", ("numerical_abscissa",))],
-         False),
+        # eigreg's Lanczos run reads both ends of S = (J+Jᵀ)/2 every step: the top it holds, and the
+        # stiff end the heavy ball's step must cover (small_preset.md: -8.6 where the solver failed).
+        (axes[3], "abscissa; ends of (J+Jᵀ)/2", [("spectral", ("spectral_abscissa",)),
+                                                 ("numerical", ("numerical_abscissa",)),
+                                                 ("eigreg: top of S", ("eig_omega",)),
+                                                 ("eigreg: bottom of S", ("eig_bottom",))], False),
     ]
     for ax, ylabel, lines, log in panels:
         for label, keys in lines:
