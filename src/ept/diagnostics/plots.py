@@ -69,4 +69,11 @@ def plot_run(records: list[dict[str, Any]], path: str | Path, title: str = "") -
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     axes[3].axhline(0.0, color="red", lw=1, ls="--")
+    steps = [r["step"] for r in records if isinstance(r.get("step"), int | float)]
+    for ax in axes:
+        if not ax.lines:  # e.g. cosines of a run without --diag_cos: say so, on the run's step range
+            ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center", transform=ax.transAxes,
+                    color="grey")
+        if steps:
+            ax.set_xlim(min(steps), max(max(steps), min(steps) + 1))
     return finish_run_figure(fig, axes, records, path, title, rollback_ls=":")
