@@ -180,7 +180,7 @@ class Controller:
         if eig_now and cfg.eig_dir == "sym":
             _, u, stiff, v = self.extreme_eigvecs(model, x, z)
             # The stiff end comes with the Lanczos run at no extra product: logged with or without a
-            # floor, since a heavy ball at eps 0.5 needs 0.5·λ_min(J) above about -4 (small_preset.md).
+            # floor, since the free phase's cost grows as √(stiff end / slow end) (small_preset.md).
             logs["eig_bottom"] = stiff.min().item()
         with torch.enable_grad():
             zr = z.clone().requires_grad_(True)
