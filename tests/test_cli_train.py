@@ -11,7 +11,7 @@ import pytest
 from conftest import write_corpus
 
 from ept.cli import build_parser, main
-from ept.cli.train import seed_run_folder
+from ept.cli.run_folder import seed_run_folder
 from ept.presets import resolve
 
 CANONICAL = (
@@ -254,12 +254,12 @@ def test_output_folder_with_another_run_is_refused_untouched(trained_run: Path, 
 
 
 def test_unwritable_output_folder(capsys, tmp_path, monkeypatch) -> None:
-    import ept.cli.train as cli_train
+    import ept.cli.run_folder as run_folder
 
     def denied(*_a, **_k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(cli_train.tempfile, "TemporaryFile", denied)
+    monkeypatch.setattr(run_folder.tempfile, "TemporaryFile", denied)
     _usage_error(capsys, ["train", "--out", str(tmp_path / "ro")], "not writable")
 
 

@@ -13,9 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,15 +27,22 @@ from ept.analog import AnalogConfig
 from ept.analog.cli_args import add_arguments as add_analog_arguments
 from ept.analog.cli_args import config_from_args as analog_config_from_args
 from ept.analog.cli_args import overrides_from_args as analog_overrides_from_args
-from ept.checkpoint import CONFIG_FILE, TOKENIZER_FILE
+from ept.checkpoint import CONFIG_FILE
 from ept.cli import UsageError
+from ept.cli.run_folder import (
+    holds_run,
+    open_new_folder,
+    open_resume_folder,
+    read_config,
+    seed_run_folder,
+)
 from ept.config import SECTIONS, RunConfig
 from ept.data import DataError, TokenData, load_corpus, prepare
 from ept.distributed import Group, ParallelConfigError, PeerLost, init_from_env
 from ept.flags import section_flags
 from ept.model import EquilibriumLM
 from ept.presets import PRESETS, SEED_FLAGS, resolve
-from ept.runlock import LOCK_FILE, RunLock, RunLocked
+from ept.runlock import RunLock, RunLocked
 from ept.train import TrainingDiverged, train, write_run_files
 
 RUN_FLAGS = ("out", "resume", "ckpt", "state", "init_ckpt", "stop_after", "json", "preset")
@@ -119,90 +124,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_flags(p)
     add_analog_arguments(p)
     p.set_defaults(func=run_train)
-
-
-# ------------------------------------------------------------------------------- run folders
-
-
-def seed_run_folder(ckpt_file: str | None, state_file: str | None) -> Path | None:
-    """The seed's --ckpt runs/x.pt / --state runs/x.state -> the run folder runs/x."""
-    stems = {Path(f).with_suffix("") for f in (ckpt_file, state_file) if f}
-    if len(stems) > 1:
-        raise UsageError(
-            f"--ckpt {ckpt_file} and --state {state_file} name different runs: give them the same "
-            "stem (runs/myrun.pt, runs/myrun.state), or use --out DIR"
-        )
-    return stems.pop() if stems else None
-
-
-def holds_run(folder: Path) -> bool:
-    return (folder / CONFIG_FILE).is_file() or ckpt.has_checkpoint(folder)
-
-
-def check_writable(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UsageError(
-            f"run folder '{folder}' is not writable ({e.strerror}): choose a folder you can write "
-            "to with --out"
-        ) from None
-
-
-# What a run writes before its first checkpoint: a run stopped then (killed in set-up or in its
-# first steps) has nothing to resume, and the same command starts it again in the same folder.
-BEFORE_FIRST_CHECKPOINT = (CONFIG_FILE, TOKENIZER_FILE, "metrics.jsonl", "sample.txt", "curves.png")
-
-
-def never_checkpointed(folder: Path) -> bool:
-    return (folder / CONFIG_FILE).is_file() and not ckpt.has_checkpoint(folder)
-
-
-def open_new_folder(folder: Path, log: Callable[[str], None] = lambda msg: None) -> None:
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"--out '{folder}' is a file: give a folder path")
-    if folder.is_dir() and never_checkpointed(folder):
-        log(f"{folder}: its run stopped before its first checkpoint; starting it again")
-        for name in BEFORE_FIRST_CHECKPOINT:
-            with contextlib.suppress(FileNotFoundError):
-                (folder / name).unlink()
-        for sub in [folder / ckpt.BEST, *folder.glob("ckpt-*"), *folder.glob(".tmp-*")]:
-            shutil.rmtree(sub, ignore_errors=True)
-    if folder.is_dir() and holds_run(folder):
-        raise UsageError(
-            f"'{folder}' holds another run: continue it with --resume {folder}, or choose a new --out"
-        )
-    if folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir()):
-        raise UsageError(f"'{folder}' is not empty and holds no ept run: choose a new or empty --out folder")
-    check_writable(folder)
-
-
-def open_resume_folder(folder: Path) -> RunConfig:
-    if folder.is_dir() and never_checkpointed(folder):
-        raise UsageError(f"--resume '{folder}': its run stopped before its first checkpoint, so nothing was "
-                         f"kept to resume; run the same 'ept train --out {folder} ...' command again")
-    if not folder.is_dir() or not (folder / CONFIG_FILE).is_file() or not ckpt.has_checkpoint(folder):
-        raise UsageError(
-            f"--resume '{folder}' holds no ept run (needs {CONFIG_FILE} and a checkpoint): give the "
-            "--out folder of an earlier 'ept train'"
-        )
-    if not (folder / TOKENIZER_FILE).is_file():
-        raise UsageError(f"--resume '{folder}' lacks its {TOKENIZER_FILE} (the run's vocabulary): restore it "
-                         "from a copy of the run folder, or start a new run with --init_ckpt")
-    check_writable(folder)
-    return read_config(folder)
-
-
-def read_config(folder: Path) -> RunConfig:
-    try:
-        return RunConfig.from_dict(json.loads((folder / CONFIG_FILE).read_text()))
-    except (OSError, ValueError, TypeError) as e:
-        raise UsageError(
-            f"'{folder / CONFIG_FILE}' is unreadable or corrupt ({e}): restore it, or start a new "
-            "run with --init_ckpt"
-        ) from None
 
 
 # ------------------------------------------------------------------------------------- data
