@@ -160,7 +160,12 @@ def contraction(lo: Tensor, hi: Tensor, mu: Tensor) -> Tensor:
     r² − (1 + b − a(1 − μ)) r + b. √b for every μ in [lo, hi]; more off the interval, and from a
     complex μ beside it already: the shape of the spectrum, not only its real range, sets the
     rate. lo = hi = 0 is plain iteration (a = 1, b = 0): |μ|."""
-    a, b = heavy_ball_params(lo, hi)
+    return step_contraction(*heavy_ball_params(lo, hi), mu)
+
+
+def step_contraction(a: Tensor, b: Tensor, mu: Tensor) -> Tensor:
+    """Per F-evaluation, how much the step z ← z + a·r + b·(z − z_prev) contracts a mode whose
+    relaxation map eigenvalue is ``mu``: the larger root modulus of r² − (1 + b − a(1 − μ)) r + b."""
     p = 1 + b - a * (1 - mu)
     d = (p * p - 4 * b).sqrt()
     return torch.maximum(((p + d) / 2).abs(), ((p - d) / 2).abs())
