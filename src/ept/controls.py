@@ -209,7 +209,6 @@ class Controller:
                     (jt_v,) = torch.autograd.grad((fz * v).sum(), zr, create_graph=True)
                     bottom = (jt_v * v).flatten(1).sum(1)
                     total = total + eig_weight * torch.relu(-cfg.eig_floor - bottom).pow(2).mean()
-                    logs["eig_bottom"] = bottom.min().item()
             logs["penalty"] = total.item()
             grads = param_grads(model, total)
         return {k: g.detach() for k, g in grads.items()}, logs
